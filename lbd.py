@@ -1,0 +1,2488 @@
+#!/usr/bin/env python3
+"""lbd -- a lightweight load balancer for Python backends.
+
+One daemon takes tasks over a Unix socket and dispatches them, highest
+priority first, to a pool of worker processes that it forks, watches and
+replaces. Pure standard library, one file, Python 3.11+.
+
+    python3 lbd.py serve --handlers mymod
+    python3 lbd.py submit mymod:work 1 2 --wait
+
+Sections, in dependency order (``grep -n '^# .*####' lbd.py``):
+
+    Constants and errors    versions, error codes, exit codes, exceptions
+    States                  worker and task transition tables
+    Heaps                   the ready queue and the due-time heaps
+    Tasks                   the task record and its view
+    Validation              request parsing and task-field checks
+    Configuration           the schema, its defaults, TOML loading
+    Built-in handlers       lbd:echo, lbd:sleep, lbd.current_task()
+    Worker process          what a forked child runs
+    Master                  the event loop, dispatch and supervision
+    Commands                one method per protocol op
+    Client                  the Python client
+    CLI                     argparse subcommands and main()
+"""
+
+import argparse
+import collections
+import enum
+import heapq
+import importlib
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import re
+import selectors
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+import tomllib
+import traceback
+
+__all__ = [
+    "Client", "LbdError", "RequestError", "Unavailable", "ConfigError",
+    "TransitionError", "current_task", "echo", "sleep", "main",
+    "WorkerState", "TaskState", "WORKER_TRANSITIONS", "TASK_TRANSITIONS",
+    "__version__",
+]
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("lbd")
+
+
+###############################################################################
+# Constants and errors ########################################################
+###############################################################################
+
+# Error codes, as they appear in a response's "error" field.
+BAD_JSON = "bad_json"
+BAD_REQUEST = "bad_request"
+UNKNOWN_OP = "unknown_op"
+NOT_FOUND = "not_found"
+UNKNOWN_HANDLER = "unknown_handler"
+NOT_CANCELLABLE = "not_cancellable"
+TOO_LARGE = "too_large"
+TOO_MANY_CLIENTS = "too_many_clients"
+QUEUE_FULL = "queue_full"
+SHUTTING_DOWN = "shutting_down"
+TIMEOUT = "timeout"
+INTERNAL = "internal_error"
+
+#: Exit code of a worker whose handler modules failed to import.
+WORKER_BOOT_ERROR = 3
+
+#: CLI exit codes: 1 a request failed or a task did not end DONE,
+#: 2 a usage error (argparse's own), 3 no daemon answered.
+EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 1, 2, 3
+
+#: Handlers every daemon allows, so that ``lbd serve`` needs no config.
+BUILTIN_HANDLERS = frozenset({"lbd:echo", "lbd:sleep"})
+
+#: Boot failures back off from this delay, doubling, up to the cap, so a
+#: handler module that cannot import never becomes a fork bomb.
+BOOT_BACKOFF_BASE, BOOT_BACKOFF_MAX = 0.1, 30.0
+
+#: Lazy heaps compact once dead entries exceed both this and the live ones.
+COMPACT_MIN = 1024
+
+#: A worker's receive chunk; results are small, big ones just take more.
+RECV_SIZE = 262144
+
+
+class LbdError(Exception):
+    """Root of every error lbd raises on purpose."""
+
+
+class TransitionError(LbdError):
+    """A state change that the transition table does not allow."""
+
+
+class ConfigError(LbdError):
+    """A configuration file or option that cannot be used."""
+
+
+class RequestError(LbdError):
+    """An error response: ``code`` is the protocol's error code."""
+
+    def __init__(self, code, message):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class Unavailable(LbdError):
+    """No daemon answers on the socket, or it went away mid-request."""
+
+
+###############################################################################
+# States ######################################################################
+###############################################################################
+#
+# Worker:   (spawn) -> STARTING -> IDLE <-> BUSY -> DRAINING -> STOPPING
+#           any live state -> STOPPING (we asked it to go) or FAILED (it
+#           died, hung, timed out or never booted); a worker that has been
+#           reaped is removed from the table.
+#
+# Task:     (submit) -> QUEUED | DELAYED
+#           DELAYED -> QUEUED -> RUNNING -> DONE
+#           RUNNING -> QUEUED | DELAYED (retry, or re-queued at shutdown)
+#           RUNNING -> DEAD (out of attempts, or poison)
+#           QUEUED | DELAYED | RUNNING -> EXPIRED | CANCELLED
+#           DONE, DEAD, EXPIRED, CANCELLED are terminal.
+
+
+class WorkerState(enum.StrEnum):
+    STARTING = "STARTING"
+    IDLE = "IDLE"
+    BUSY = "BUSY"
+    DRAINING = "DRAINING"
+    STOPPING = "STOPPING"
+    FAILED = "FAILED"
+
+
+class TaskState(enum.StrEnum):
+    QUEUED = "QUEUED"
+    DELAYED = "DELAYED"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    DEAD = "DEAD"
+    EXPIRED = "EXPIRED"
+    CANCELLED = "CANCELLED"
+
+
+_W, _T = WorkerState, TaskState
+
+#: Allowed worker state changes; None is "not yet in the table".
+WORKER_TRANSITIONS = {
+    None: frozenset({_W.STARTING}),
+    _W.STARTING: frozenset({_W.IDLE, _W.STOPPING, _W.FAILED}),
+    _W.IDLE: frozenset({_W.BUSY, _W.STOPPING, _W.FAILED}),
+    _W.BUSY: frozenset({_W.IDLE, _W.DRAINING, _W.STOPPING, _W.FAILED}),
+    _W.DRAINING: frozenset({_W.STOPPING, _W.FAILED}),
+    _W.STOPPING: frozenset(),
+    _W.FAILED: frozenset(),
+}
+
+#: Allowed task state changes; None is "not yet submitted".
+TASK_TRANSITIONS = {
+    None: frozenset({_T.QUEUED, _T.DELAYED}),
+    _T.QUEUED: frozenset({_T.RUNNING, _T.EXPIRED, _T.CANCELLED}),
+    _T.DELAYED: frozenset({_T.QUEUED, _T.EXPIRED, _T.CANCELLED}),
+    _T.RUNNING: frozenset({_T.DONE, _T.QUEUED, _T.DELAYED, _T.DEAD,
+                           _T.EXPIRED, _T.CANCELLED}),
+    _T.DONE: frozenset(),
+    _T.DEAD: frozenset(),
+    _T.EXPIRED: frozenset(),
+    _T.CANCELLED: frozenset(),
+}
+
+TERMINAL = frozenset({_T.DONE, _T.DEAD, _T.EXPIRED, _T.CANCELLED})
+#: Worker states that count toward the pool size.
+LIVE_WORKER_STATES = frozenset({_W.STARTING, _W.IDLE, _W.BUSY})
+
+
+def transition(table, obj, new):
+    """Move ``obj.state`` to ``new`` if ``table`` allows it; return the old.
+
+    Raises TransitionError naming both states otherwise. This is the only
+    place a worker's or a task's state is assigned.
+    """
+    old = obj.state
+    if new not in table[old]:
+        raise TransitionError(
+            f"{type(obj).__name__} {obj.id}: illegal transition "
+            f"{old or '(new)'} -> {new}")
+    obj.state = new
+    return old
+
+
+###############################################################################
+# Heaps #######################################################################
+###############################################################################
+
+
+class LazyHeap:
+    """A binary heap of ``[key, seq, item]`` entries with O(1) removal.
+
+    ``remove(entry)`` only marks the entry; marked entries are skipped when
+    they reach the top, and the heap is rebuilt once they outnumber the
+    live ones, so it never grows past about twice its live size.
+    """
+
+    __slots__ = ("_heap", "_dead", "_count")
+
+    def __init__(self):
+        self._heap = []
+        self._dead = 0
+        self._count = itertools.count()
+
+    def __len__(self):
+        return len(self._heap) - self._dead
+
+    def push(self, key, item, seq=None):
+        """Add ``item`` under ``key``; return its entry, for ``remove``."""
+        entry = [key, next(self._count) if seq is None else seq, item]
+        heapq.heappush(self._heap, entry)
+        return entry
+
+    def remove(self, entry):
+        """Drop a pushed entry; popped or removed entries are ignored."""
+        if entry is None or entry[2] is None:
+            return
+        entry[2] = None
+        self._dead += 1
+        if self._dead > COMPACT_MIN and self._dead * 2 > len(self._heap):
+            self._heap = [e for e in self._heap if e[2] is not None]
+            heapq.heapify(self._heap)
+            self._dead = 0
+
+    def _skip_dead(self):
+        heap = self._heap
+        while heap and heap[0][2] is None:
+            heapq.heappop(heap)
+            self._dead -= 1
+
+    def peek_key(self):
+        """Return the smallest live key, or None when empty."""
+        self._skip_dead()
+        return self._heap[0][0] if self._heap else None
+
+    def pop(self):
+        """Remove and return the item with the smallest key, or None."""
+        self._skip_dead()
+        if not self._heap:
+            return None
+        entry = heapq.heappop(self._heap)
+        item, entry[2] = entry[2], None
+        return item
+
+    def pop_due(self, limit):
+        """Remove and return, in order, every item whose key <= limit."""
+        due = []
+        while True:
+            key = self.peek_key()
+            if key is None or key > limit:
+                return due
+            due.append(self.pop())
+
+    def heap_size(self):
+        """Return the entry count, dead ones included (for tests)."""
+        return len(self._heap)
+
+
+class ReadyQueue(LazyHeap):
+    """Tasks ready to run: highest priority first, FIFO among equals.
+
+    With aging rate r, a task's effective priority is
+    ``priority + r * waited``; all waiting tasks age alike, so the order is
+    the static key ``priority - r * submitted_at`` and the heap stays one.
+    """
+
+    __slots__ = ("aging_rate",)
+
+    def __init__(self, aging_rate=0.0):
+        super().__init__()
+        self.aging_rate = aging_rate
+
+    def push_task(self, task):
+        """Queue ``task`` under its priority and original sequence."""
+        key = -task.priority
+        if self.aging_rate:
+            key += self.aging_rate * task.submitted_at
+        return self.push(key, task, task.seq)
+
+
+###############################################################################
+# Tasks #######################################################################
+###############################################################################
+
+
+class Task:
+    """One submitted task: its fields, its state and its history."""
+
+    __slots__ = (
+        "id", "seq", "handler", "args", "kwargs", "priority", "timeout",
+        "deadline_at", "run_at", "max_attempts", "key", "retry_on_error",
+        "state", "attempts", "crashes", "submitted_at", "started_at",
+        "finished_at", "result", "error", "errors", "worker",
+        "entry", "delay_entry", "deadline_entry", "expires", "finished_mono",
+    )
+
+    def __init__(self, seq, spec, submitted_at):
+        self.id = str(seq)
+        self.seq = seq
+        self.handler = spec["handler"]
+        self.args = spec["args"]
+        self.kwargs = spec["kwargs"]
+        self.priority = spec["priority"]
+        self.timeout = spec["timeout"]
+        self.max_attempts = spec["max_attempts"]
+        self.key = spec["key"]
+        self.retry_on_error = spec["retry_on_error"]
+        self.submitted_at = submitted_at
+        deadline, delay = spec["deadline"], spec["delay"]
+        self.deadline_at = None if deadline is None else submitted_at + deadline
+        self.run_at = None if delay is None else submitted_at + delay
+        self.state = None
+        self.attempts = self.crashes = 0
+        self.started_at = self.finished_at = None
+        self.result = self.error = self.worker = None
+        self.errors = []
+        self.entry = self.delay_entry = self.deadline_entry = None
+        self.expires = self.finished_mono = None
+
+    def view(self):
+        """Return the task as the protocol shows it."""
+        return {
+            "id": self.id, "handler": self.handler, "args": self.args,
+            "kwargs": self.kwargs, "priority": self.priority,
+            "state": self.state, "attempts": self.attempts,
+            "max_attempts": self.max_attempts, "timeout": self.timeout,
+            "deadline_at": self.deadline_at, "run_at": self.run_at,
+            "key": self.key, "retry_on_error": self.retry_on_error,
+            "submitted_at": self.submitted_at, "started_at": self.started_at,
+            "finished_at": self.finished_at, "result": self.result,
+            "error": self.error, "errors": self.errors,
+            "crashes": self.crashes, "worker": self.worker,
+        }
+
+
+def result_is_current(task, worker, task_id, attempt):
+    """Return True if a result for (task_id, attempt) may be accepted.
+
+    This is the fencing rule: only the attempt a live, un-killed worker is
+    running right now may finish a task; anything else is stale.
+    """
+    return (task is not None and worker.kill_reason is None
+            and task.id == task_id and task.attempts == attempt
+            and task.state is TaskState.RUNNING)
+
+
+def backoff_delay(attempt, base, cap, rand=random.random):
+    """Return the wait before retry ``attempt`` + 1: full jitter.
+
+    Uniform in [0, min(cap, base * 2 ** (attempt - 1))).
+    """
+    ceiling = min(cap, base * 2.0 ** min(attempt - 1, 60))
+    return ceiling * rand()
+
+
+###############################################################################
+# Validation ##################################################################
+###############################################################################
+
+#: Fields a submitted task may carry.
+TASK_FIELDS = frozenset({
+    "handler", "args", "kwargs", "priority", "timeout", "deadline", "delay",
+    "max_attempts", "key", "retry_on_error",
+})
+
+#: Bounds that keep every number finite and every timer representable.
+MAX_PRIORITY = 10 ** 9
+MAX_SECONDS = 10.0 ** 9
+MAX_ATTEMPTS = 1000
+MAX_KEY_LEN = 1024
+
+_HANDLER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _bad(message):
+    return RequestError(BAD_REQUEST, message)
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def loads(data):
+    """Decode one JSON document strictly: no NaN or infinities.
+
+    Raises RequestError(bad_json) for anything that is not valid UTF-8
+    JSON, including absurd nesting and integers too long to convert.
+    """
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        return json.loads(text, parse_constant=_reject_constant,
+                          parse_float=_parse_float)
+    except UnicodeDecodeError:
+        raise RequestError(BAD_JSON, "request is not valid UTF-8") from None
+    except (ValueError, RecursionError) as exc:
+        msg = str(exc) if isinstance(exc, ValueError) else "nested too deep"
+        raise RequestError(BAD_JSON, f"request is not valid JSON: {msg}"[:200]
+                           ) from None
+
+
+_dumps_str = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def dumps(obj):
+    """Encode ``obj`` as one ASCII JSON line, newline included."""
+    return (_dumps_str(obj) + "\n").encode("ascii")
+
+
+def _number(spec, name, lo, hi, *, integer=False, low_open=False):
+    value = spec[name]
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "an integer" if integer else "a number"
+        raise _bad(f"task field '{name}' must be {kind}")
+    if not math.isfinite(value) or value > hi or value < lo or (
+            low_open and value == lo):
+        low = f"> {lo}" if low_open else f">= {lo}"
+        raise _bad(f"task field '{name}' must be {low} and <= {hi}")
+    return value
+
+
+def validate_task(obj, defaults):
+    """Check a submitted task object; return its fields, filled in.
+
+    ``defaults`` gives ``timeout`` and ``max_attempts`` when absent.
+    Raises RequestError(bad_request) naming the first offending field.
+    """
+    if not isinstance(obj, dict):
+        raise _bad("'task' must be an object")
+    unknown = sorted(set(obj) - TASK_FIELDS)
+    if unknown:
+        raise _bad(f"unknown task field '{unknown[0]}'")
+    spec = {"args": [], "kwargs": {}, "priority": 0, "deadline": None,
+            "delay": None, "key": None, "retry_on_error": True, **defaults}
+    spec.update(obj)
+    handler = spec.get("handler")
+    if not isinstance(handler, str) or not _HANDLER_RE.match(handler):
+        raise _bad("task field 'handler' must be a string 'module:function'")
+    if not isinstance(spec["args"], list):
+        raise _bad("task field 'args' must be a list")
+    if not isinstance(spec["kwargs"], dict):
+        raise _bad("task field 'kwargs' must be an object")
+    _number(spec, "priority", -MAX_PRIORITY, MAX_PRIORITY, integer=True)
+    _number(spec, "timeout", 0, MAX_SECONDS, low_open=True)
+    _number(spec, "max_attempts", 1, MAX_ATTEMPTS, integer=True)
+    for name, low_open in (("deadline", True), ("delay", False)):
+        if spec[name] is not None:
+            _number(spec, name, 0, MAX_SECONDS, low_open=low_open)
+    key = spec["key"]
+    if key is not None and not (isinstance(key, str)
+                                and 0 < len(key) <= MAX_KEY_LEN):
+        raise _bad(f"task field 'key' must be a string of 1 to "
+                   f"{MAX_KEY_LEN} characters")
+    if not isinstance(spec["retry_on_error"], bool):
+        raise _bad("task field 'retry_on_error' must be true or false")
+    return spec
+
+
+def check_fields(request, allowed):
+    """Raise bad_request if ``request`` has a field outside ``allowed``."""
+    for name in request:
+        if name not in allowed and name not in ("op", "req"):
+            raise _bad(f"unknown field '{name}' for op '{request['op']}'")
+
+
+def field(request, name, kinds, what, required=True):
+    """Return ``request[name]`` if it has one of ``kinds``, else raise."""
+    if name not in request:
+        if required:
+            raise _bad(f"field '{name}' is required")
+        return None
+    value = request[name]
+    if isinstance(value, bool) and bool not in kinds or not isinstance(
+            value, kinds):
+        raise _bad(f"field '{name}' must be {what}")
+    return value
+
+
+def seconds_field(request, name):
+    """Return an optional non-negative finite number of seconds."""
+    value = field(request, name, (int, float), "a number of seconds",
+                  required=False)
+    if value is not None and not 0 <= value <= MAX_SECONDS:
+        raise _bad(f"field '{name}' must be >= 0 and <= {MAX_SECONDS:g}")
+    return value
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+#: Every configuration key: section -> key -> (default, type, meaning).
+#: config.example.toml documents the same keys; a test keeps them equal.
+CONFIG_SCHEMA = {
+    "server": {
+        "socket": ("", str, "control socket path; empty picks "
+                   "$LBD_SOCKET, else $RUNTIME_DIRECTORY/lbd.sock, else "
+                   "$XDG_RUNTIME_DIR/lbd.sock, else /tmp/lbd-UID/lbd.sock"),
+        "socket_mode": (0o600, int, "permission bits of the socket file"),
+        "max_request_bytes": (1 << 20, int, "longest request line"),
+        "max_output_bytes": (16 << 20, int,
+                             "unread responses kept for one client before "
+                             "it is disconnected"),
+        "max_clients": (1024, int, "open client connections at most"),
+        "max_queued": (1_000_000, int, "queued plus delayed tasks at most"),
+    },
+    "journal": {
+        "path": ("", str, "journal file; empty keeps tasks in memory only"),
+    },
+    "workers": {
+        "min": (2, int, "workers kept running at least"),
+        "max": (0, int, "workers at most; 0 means the number of CPUs "
+                "(at least min)"),
+        "handlers": ([], list, "modules whose functions tasks may call"),
+        "kill_grace": (5.0, float, "seconds between SIGTERM and SIGKILL"),
+        "stop_grace": (30.0, float, "seconds running tasks get to finish "
+                       "at shutdown"),
+        "heartbeat_interval": (1.0, float, "seconds between heartbeats"),
+        "heartbeat_timeout": (10.0, float, "silence after which a worker "
+                              "is presumed hung"),
+        "start_timeout": (30.0, float, "seconds a new worker has to "
+                          "report ready"),
+        "max_tasks": (0, int, "recycle a worker after this many tasks; "
+                      "0 never"),
+    },
+    "tasks": {
+        "timeout": (300.0, float, "seconds per attempt"),
+        "max_attempts": (3, int, "attempts per task"),
+        "aging_rate": (0.0, float, "priority points gained per second "
+                       "waited; 0 is strict priority"),
+        "retry_backoff": (0.5, float, "base of the exponential backoff"),
+        "retry_backoff_max": (30.0, float, "cap of the backoff"),
+        "max_crashes": (2, int, "worker crashes before a task is "
+                        "quarantined as poison"),
+        "dedupe_window": (3600.0, float, "seconds a finished task's key "
+                          "still deduplicates"),
+        "result_ttl": (86400.0, float, "seconds a finished task is kept"),
+    },
+}
+
+#: Lower bounds checked after loading: (section, key) -> (minimum, strict).
+_CONFIG_MINIMUM = {
+    ("server", "max_request_bytes"): (64, False),
+    ("server", "max_output_bytes"): (1024, False),
+    ("server", "max_clients"): (1, False),
+    ("server", "max_queued"): (1, False),
+    ("server", "socket_mode"): (0, False),
+    ("workers", "min"): (1, False),
+    ("workers", "max"): (0, False),
+    ("workers", "kill_grace"): (0, True),
+    ("workers", "stop_grace"): (0, False),
+    ("workers", "heartbeat_interval"): (0, True),
+    ("workers", "heartbeat_timeout"): (0, True),
+    ("workers", "start_timeout"): (0, True),
+    ("workers", "max_tasks"): (0, False),
+    ("tasks", "timeout"): (0, True),
+    ("tasks", "max_attempts"): (1, False),
+    ("tasks", "aging_rate"): (0, False),
+    ("tasks", "retry_backoff"): (0, False),
+    ("tasks", "retry_backoff_max"): (0, False),
+    ("tasks", "max_crashes"): (1, False),
+    ("tasks", "dedupe_window"): (0, False),
+    ("tasks", "result_ttl"): (0, False),
+}
+
+
+class Section:
+    """One configuration section as attributes: ``cfg.workers.min``."""
+
+    def __init__(self, values):
+        self.__dict__.update(values)
+
+    def __repr__(self):
+        return f"Section({self.__dict__!r})"
+
+
+def _check_value(where, value, kind):
+    if kind is float and isinstance(value, int) and not isinstance(
+            value, bool):
+        value = float(value)
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(f"{where} must be of type {kind.__name__}, "
+                          f"not {type(value).__name__}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{where} must be finite")
+    if kind is list and not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where} must be a list of strings")
+    return value
+
+
+def build_config(data, source="config"):
+    """Return {section: Section} from a parsed TOML mapping.
+
+    Missing keys take their defaults; unknown sections or keys and wrong
+    types raise ConfigError naming ``section.key``.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a table")
+    for name, table in data.items():
+        if name not in CONFIG_SCHEMA:
+            raise ConfigError(f"{source}: unknown section [{name}]")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        for key in table:
+            if key not in CONFIG_SCHEMA[name]:
+                raise ConfigError(f"{source}: unknown key {name}.{key}")
+    cfg = {}
+    for name, keys in CONFIG_SCHEMA.items():
+        given = data.get(name, {})
+        values = {}
+        for key, (default, kind, _) in keys.items():
+            value = given.get(key, default)
+            values[key] = _check_value(f"{source}: {name}.{key}", value, kind)
+        cfg[name] = Section(values)
+    _check_bounds(cfg, source)
+    return cfg
+
+
+def _check_bounds(cfg, source):
+    for (name, key), (low, strict) in _CONFIG_MINIMUM.items():
+        value = getattr(cfg[name], key)
+        if value < low or strict and value == low:
+            sign = ">" if strict else ">="
+            raise ConfigError(f"{source}: {name}.{key} must be {sign} {low}")
+    workers = cfg["workers"]
+    if workers.max == 0:
+        workers.max = max(workers.min, os.cpu_count() or 1)
+    if workers.max < workers.min:
+        raise ConfigError(f"{source}: workers.max ({workers.max}) is below "
+                          f"workers.min ({workers.min})")
+    if workers.heartbeat_timeout <= workers.heartbeat_interval:
+        raise ConfigError(f"{source}: workers.heartbeat_timeout must exceed "
+                          "workers.heartbeat_interval")
+    for module in workers.handlers:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", module):
+            raise ConfigError(f"{source}: workers.handlers: '{module}' is "
+                              "not a module name")
+
+
+def load_config(path=None, overrides=None):
+    """Read the TOML file at ``path`` (if any), apply ``overrides``.
+
+    ``overrides`` maps (section, key) to a value from the command line.
+    Raises ConfigError with the file name and the offending key.
+    """
+    data = {}
+    source = "defaults"
+    if path:
+        source = path
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    for (name, key), value in (overrides or {}).items():
+        data.setdefault(name, {})[key] = value
+    return build_config(data, source)
+
+
+def default_socket_path():
+    """Return where serve and the clients meet when no path is given."""
+    path = os.environ.get("LBD_SOCKET")
+    if path:
+        return path
+    for var in ("RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"):
+        folder = os.environ.get(var)
+        if folder:
+            return os.path.join(folder.split(":")[0], "lbd.sock")
+    return f"/tmp/lbd-{os.getuid()}/lbd.sock"
+
+
+###############################################################################
+# Built-in handlers ###########################################################
+###############################################################################
+
+
+#: What a handler may know about the task it runs: read-only.
+CurrentTask = collections.namedtuple(
+    "CurrentTask", ("id", "attempt", "priority", "deadline_at"))
+
+
+_current = None
+
+
+def current_task():
+    """Return the CurrentTask being run in this worker, or None."""
+    return _current
+
+
+def echo(*args):
+    """Return the positional arguments as a list."""
+    return list(args)
+
+
+def sleep(seconds=0):
+    """Sleep ``seconds`` and return it."""
+    time.sleep(float(seconds))
+    return seconds
+
+
+###############################################################################
+# Worker process ##############################################################
+###############################################################################
+
+
+def _load_handlers(modules):
+    """Import the handler modules; return {"module:function": callable}."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    this = sys.modules[__name__]
+    table = {name: getattr(this, name.split(":")[1])
+             for name in BUILTIN_HANDLERS}
+    for modname in modules:
+        module = importlib.import_module(modname)
+        for attr in dir(module):
+            fn = getattr(module, attr)
+            if not attr.startswith("_") and callable(fn):
+                table[f"{modname}:{attr}"] = fn
+    return table
+
+
+def _error_info(reason, exc):
+    return {"reason": reason, "type": type(exc).__name__,
+            "message": str(exc)[:4096],
+            "traceback": traceback.format_exc()[-16384:]}
+
+
+def _run_one(handlers, msg):
+    """Run one task message; return the result message to send back."""
+    global _current
+    tid, attempt = msg["id"], msg["a"]
+    fn = handlers.get(msg["h"])
+    if fn is None:
+        return {"t": "err", "id": tid, "a": attempt, "e": {
+            "reason": "unknown_handler", "type": "LookupError",
+            "message": f"no handler {msg['h']} in the worker",
+            "traceback": None}}
+    _current = CurrentTask(tid, attempt, msg["p"], msg["dl"])
+    try:
+        return {"t": "ok", "id": tid, "a": attempt,
+                "r": fn(*msg["args"], **msg["kw"])}
+    except (Exception, SystemExit) as exc:
+        return {"t": "err", "id": tid, "a": attempt,
+                "e": _error_info("exception", exc)}
+    finally:
+        _current = None
+
+
+def _heartbeat(send, interval, parent):
+    """Beat every ``interval``; exit the process once the master is gone."""
+    tick = min(interval, 0.25)
+    last = time.monotonic()
+    while True:
+        time.sleep(tick)
+        if os.getppid() != parent:
+            os._exit(1)
+        now = time.monotonic()
+        if now - last >= interval:
+            last = now
+            try:
+                send({"t": "hb"})
+            except OSError:
+                os._exit(1)
+
+
+def _worker_main(sock, modules, heartbeat_interval, parent):
+    """Serve tasks from the master over ``sock``; return the exit status."""
+    sock.setblocking(True)
+    lock = threading.Lock()
+
+    def send(obj):
+        data = dumps(obj)
+        with lock:
+            sock.sendall(data)
+
+    try:
+        handlers = _load_handlers(modules)
+    except BaseException as exc:  # a broken module may raise anything
+        send({"t": "boot_error", "message":
+              f"{type(exc).__name__}: {exc}"[:2000]})
+        return WORKER_BOOT_ERROR
+    threading.Thread(target=_heartbeat, daemon=True, name="lbd-heartbeat",
+                     args=(send, heartbeat_interval, parent)).start()
+    send({"t": "ready", "handlers": sorted(handlers)})
+    for line in sock.makefile("rb"):
+        msg = json.loads(line)
+        if msg["t"] == "stop":
+            return 0
+        reply = _run_one(handlers, msg)
+        try:
+            data = dumps(reply)
+        except (TypeError, ValueError, RecursionError) as exc:
+            data = dumps({"t": "err", "id": msg["id"], "a": msg["a"], "e": {
+                "reason": "exception", "type": type(exc).__name__,
+                "message": f"result is not JSON-serialisable: {exc}"[:4096],
+                "traceback": None}})
+        with lock:
+            sock.sendall(data)
+    return 0
+
+
+def _reset_child_signals(handled):
+    signal.set_wakeup_fd(-1)
+    for signum in handled:
+        signal.signal(signum, signal.SIG_DFL)
+    # The master owns the lifecycle: a terminal's ^C or hang-up reaches the
+    # whole process group, and must not kill a handler mid-task.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+###############################################################################
+# Master ######################################################################
+###############################################################################
+
+
+class Worker:
+    """The master's record of one forked worker process."""
+
+    __slots__ = (
+        "id", "pid", "sock", "state", "task", "tasks_done", "inbuf",
+        "outbuf", "started_mono", "ready", "last_beat", "attempt_deadline",
+        "kill_reason", "kill_at", "check_entry", "exit",
+    )
+
+    def __init__(self, wid, pid, sock, now):
+        self.id = wid
+        self.pid = pid
+        self.sock = sock
+        self.state = None
+        self.task = None
+        self.tasks_done = 0
+        self.inbuf = b""
+        self.outbuf = b""
+        self.started_mono = self.last_beat = now
+        self.ready = False
+        self.attempt_deadline = None
+        self.kill_reason = None
+        self.kill_at = None
+        self.check_entry = None
+        self.exit = None
+
+    def view(self):
+        return {"id": self.id, "pid": self.pid, "state": self.state,
+                "task": self.task.id if self.task else None,
+                "tasks_done": self.tasks_done}
+
+
+class Conn:
+    """One client connection: buffers and the responses owed, in order."""
+
+    __slots__ = ("sock", "fd", "inbuf", "outbuf", "slots", "eof",
+                 "closing", "events", "waits")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.inbuf = b""
+        self.outbuf = bytearray()
+        self.slots = collections.deque()  # [response or None], in order
+        self.eof = False        # the peer will send nothing more
+        self.closing = False    # close once every owed response is out
+        self.events = selectors.EVENT_READ   # as registered now
+        self.waits = []         # parked wait requests: (task id, slot)
+
+
+COUNTERS = (
+    "submitted", "done", "retried", "dead", "expired", "cancelled",
+    "duplicates", "stale_results", "worker_starts", "worker_crashes",
+    "boot_failures", "timeouts", "hangs",
+)
+
+
+def _exit_info(status, rusage):
+    code = os.waitstatus_to_exitcode(status)
+    info = {"exit_code": code if code >= 0 else None, "signal": None,
+            "max_rss_kb": rusage.ru_maxrss}
+    if code < 0:
+        try:
+            info["signal"] = signal.Signals(-code).name
+        except ValueError:
+            info["signal"] = str(-code)
+    return info
+
+
+def _describe_exit(info):
+    if info["signal"]:
+        hint = " (perhaps out of memory?)" if info["signal"] == "SIGKILL" \
+            else ""
+        return f"killed by {info['signal']}{hint}"
+    return f"exited with code {info['exit_code']}"
+
+
+class Master:
+    """The daemon: one selector loop serving clients and supervising workers.
+
+    Loop shape: wait on the selector until the next due time, handle the
+    ready sockets, run what has come due, dispatch, then flush every owed
+    response (``_before_sleep``).
+    """
+
+    def __init__(self, cfg, clock=time.monotonic, wall=time.time):
+        self.cfg = cfg
+        self.clock = clock
+        self.wall = wall
+        self.socket_path = cfg["server"].socket or default_socket_path()
+        self.selector = selectors.DefaultSelector()
+        self.tasks = {}                  # id -> Task, terminal ones kept
+        self.ready = ReadyQueue(cfg["tasks"].aging_rate)
+        self.delayed = LazyHeap()        # run_at (monotonic) -> Task
+        self.deadlines = LazyHeap()      # expiry (monotonic) -> Task
+        self.timers = LazyHeap()         # due (monotonic) -> (fn, arg)
+        self.keys = {}                   # idempotency key -> task id
+        self.retention = collections.deque()  # (drop at, task id)
+        self.workers = {}                # id -> Worker
+        self.by_pid = {}
+        self.idle = []                   # IDLE workers, most recent last
+        self.conns = {}
+        self.waiters = {}                # task id -> [(conn, slot)]
+        self.dirty = set()               # conns with responses to flush
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.running_count = 0
+        self.target = cfg["workers"].min
+        self.min_workers = cfg["workers"].min
+        self.max_workers = cfg["workers"].max
+        self.known_handlers = None       # from the latest ready worker
+        self.boot_failures = 0           # consecutive, reset on a ready
+        self.boot_error = None
+        self.spawn_after = 0.0
+        self.spawn_timer = None
+        self.stopping = False
+        self.stop_deadline = None
+        self.done = False
+        self.reap_needed = False
+        self.listener = None
+        self.wake_r = self.wake_w = None
+        self.purge_timer = None
+        self._next_seq = time.time_ns() // 1000
+        self._next_wid = 1
+        self._ops = {
+            "ping": (self.op_ping, ()),
+            "submit": (self.op_submit, ("task",)),
+            "get": (self.op_get, ("id",)),
+            "wait": (self.op_wait, ("id", "timeout")),
+            "cancel": (self.op_cancel, ("id",)),
+            "status": (self.op_status, ()),
+            "metrics": (self.op_metrics, ()),
+            "drain": (self.op_drain, ("worker",)),
+            "scale": (self.op_scale, ("min", "max")),
+            "shutdown": (self.op_shutdown, ()),
+        }
+        self._signals = {
+            signal.SIGTERM: self._on_term,
+            signal.SIGINT: self._on_term,
+            signal.SIGCHLD: self._on_chld,
+            signal.SIGHUP: self._on_hup,
+            signal.SIGTTIN: self._on_ttin,
+            signal.SIGTTOU: self._on_ttou,
+        }
+
+    # -- the loop ------------------------------------------------------------
+
+    def serve(self):
+        """Run until shut down; return the process exit status."""
+        self._install_signals()
+        self._listen()
+        self._maintain_pool()
+        log.info("lbd %s serving on %s (workers %d..%d, handlers: %s)",
+                 __version__, self.socket_path, self.min_workers,
+                 self.max_workers,
+                 ", ".join(self.cfg["workers"].handlers) or "built-in only")
+        try:
+            while not self.done:
+                self._step()
+        except Exception:
+            log.exception("internal error; stopping the daemon")
+            self._emergency_stop()
+            return 1
+        finally:
+            self._close_listener()
+        log.info("lbd stopped")
+        return 0
+
+    def _step(self):
+        for key, mask in self.selector.select(self._timeout()):
+            handler, obj = key.data
+            handler(obj, mask)
+        if self.reap_needed:
+            self.reap_needed = False
+            self._reap()
+        self._run_due(self.clock())
+        self._dispatch()
+        self._before_sleep()
+
+    def _timeout(self):
+        due = [k for k in (self.timers.peek_key(), self.delayed.peek_key(),
+                           self.deadlines.peek_key()) if k is not None]
+        if not due:
+            return None
+        return max(0.0, min(due) - self.clock())
+
+    def _run_due(self, now):
+        for task in self.delayed.pop_due(now):
+            task.delay_entry = None
+            self._task_to(task, TaskState.QUEUED)
+            task.entry = self.ready.push_task(task)
+        for task in self.deadlines.pop_due(now):
+            task.deadline_entry = None
+            if task.state in (TaskState.QUEUED, TaskState.DELAYED):
+                self._finish(task, TaskState.EXPIRED, error={
+                    "reason": "expired", "type": None, "traceback": None,
+                    "message": "deadline passed before the task could run"})
+        for fn, arg in self.timers.pop_due(now):
+            fn(arg)
+
+    def call_at(self, when, fn, arg=None):
+        """Run ``fn(arg)`` at monotonic ``when``; return the entry."""
+        return self.timers.push(when, (fn, arg))
+
+    def _before_sleep(self):
+        dirty, self.dirty = self.dirty, set()
+        for conn in dirty:
+            self._flush_conn(conn)
+        if self.stopping and not self.workers and not self.done:
+            self._finish_shutdown()
+
+    # -- signals -------------------------------------------------------------
+
+    def _install_signals(self):
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in self._signals:
+            signal.signal(signum, _ignore_signal)
+        self.selector.register(self.wake_r, selectors.EVENT_READ,
+                               (self._on_wakeup, None))
+
+    def _on_wakeup(self, _obj, _mask):
+        try:
+            data = self.wake_r.recv(4096)
+        except BlockingIOError:
+            return
+        for signum in data:
+            handler = self._signals.get(signum)
+            if handler is not None:
+                handler(signum)
+
+    def _on_term(self, signum=None):
+        if self.stopping:
+            log.info("second stop signal: skipping the grace period")
+            self._stop_now()
+        else:
+            self.begin_shutdown()
+
+    def _on_chld(self, _signum):
+        self.reap_needed = True
+
+    def _on_hup(self, _signum):
+        log.info("SIGHUP: live reload is not available in this version")
+
+    def _on_ttin(self, _signum):
+        self._set_target(self.target + 1, "SIGTTIN")
+
+    def _on_ttou(self, _signum):
+        self._set_target(self.target - 1, "SIGTTOU")
+
+    # -- the listening socket ------------------------------------------------
+
+    def _listen(self):
+        path = self.socket_path
+        _prepare_socket_dir(path)
+        _remove_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            os.chmod(path, self.cfg["server"].socket_mode)
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot listen on {path}: {exc}") from None
+        sock.setblocking(False)
+        self.listener = sock
+        self.selector.register(sock, selectors.EVENT_READ,
+                               (self._on_accept, None))
+
+    def _close_listener(self):
+        if self.listener is None:
+            return
+        self.selector.unregister(self.listener)
+        self.listener.close()
+        self.listener = None
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+
+    def _on_accept(self, _obj, _mask):
+        for _ in range(64):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: log, keep serving
+                log.warning("accept failed: %s", exc)
+                return
+            if len(self.conns) >= self.cfg["server"].max_clients:
+                _refuse(sock, TOO_MANY_CLIENTS, "too many open connections")
+                continue
+            sock.setblocking(False)
+            conn = Conn(sock)
+            self.conns[conn.fd] = conn
+            self.selector.register(sock, selectors.EVENT_READ,
+                                   (self._on_conn, conn))
+
+    # -- client connections --------------------------------------------------
+
+    def _on_conn(self, conn, mask):
+        if mask & selectors.EVENT_WRITE:
+            self._flush_conn(conn)
+        if mask & selectors.EVENT_READ and not conn.eof:
+            self._read_conn(conn)
+
+    def _read_conn(self, conn):
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            conn.eof = conn.closing = True
+            line, conn.inbuf = conn.inbuf, b""
+            if line.strip():   # a last request without its newline
+                self._handle_line(conn, line)
+            self._update_events(conn)
+            self._maybe_close(conn)
+            return
+        limit = self.cfg["server"].max_request_bytes
+        lines = (conn.inbuf + data).split(b"\n")
+        conn.inbuf = lines.pop()
+        for line in lines:
+            if len(line) > limit:
+                self._too_large(conn, limit)
+                return
+            if line.strip():
+                self._handle_line(conn, line)
+        if len(conn.inbuf) > limit:
+            self._too_large(conn, limit)
+
+    def _too_large(self, conn, limit):
+        slot = [None]
+        conn.slots.append(slot)
+        self._respond(conn, slot, {"ok": False, "error": TOO_LARGE,
+                                     "message": f"request line longer than "
+                                     f"{limit} bytes; closing"})
+        conn.eof = conn.closing = True
+        conn.inbuf = b""
+        self._update_events(conn)
+
+    def _handle_line(self, conn, line):
+        slot = [None]
+        conn.slots.append(slot)
+        request = None
+        try:
+            request = loads(line)
+            if not isinstance(request, dict):
+                raise _bad("a request must be a JSON object")
+            op = request.get("op")
+            entry = self._ops.get(op) if isinstance(op, str) else None
+            if entry is None:
+                raise RequestError(UNKNOWN_OP, f"unknown op {op!r}"[:200])
+            method, allowed = entry
+            check_fields(request, allowed)
+            response = method(conn, request, slot)
+        except RequestError as exc:
+            response = {"ok": False, "error": exc.code,
+                        "message": exc.message}
+        except Exception as exc:
+            log.exception("internal error answering a request")
+            response = {"ok": False, "error": INTERNAL,
+                        "message": f"internal error: {exc}"[:500]}
+        if response is None:   # parked: answered later through the slot
+            slot.append(request.get("req"))
+            return
+        if isinstance(request, dict) and "req" in request:
+            response["req"] = request["req"]
+        self._respond(conn, slot, response)
+
+    def _respond(self, conn, slot, response):
+        slot[0] = response
+        self.dirty.add(conn)
+
+    def _answer_parked(self, conn, slot, response):
+        """Fill a parked request's slot (its 'req' is kept in slot[1])."""
+        if len(slot) > 1 and slot[1] is not None:
+            response["req"] = slot[1]
+        slot[0] = response
+        self.dirty.add(conn)
+
+    def _flush_conn(self, conn):
+        if conn.sock is None:
+            return
+        slots = conn.slots
+        while slots and slots[0][0] is not None:
+            try:
+                conn.outbuf += dumps(slots.popleft()[0])
+            except (TypeError, ValueError) as exc:
+                conn.outbuf += dumps({"ok": False, "error": INTERNAL,
+                                      "message": f"unencodable: {exc}"})
+        if conn.outbuf:
+            try:
+                sent = conn.sock.send(conn.outbuf)
+                del conn.outbuf[:sent]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self._close_conn(conn)
+                return
+        if len(conn.outbuf) > self.cfg["server"].max_output_bytes:
+            log.warning("client fd %d does not read its responses "
+                        "(%d bytes owed); disconnecting", conn.fd,
+                        len(conn.outbuf))
+            self._close_conn(conn)
+            return
+        self._update_events(conn)
+        self._maybe_close(conn)
+
+    def _update_events(self, conn):
+        if conn.sock is None:
+            return
+        events = 0 if conn.eof else selectors.EVENT_READ
+        if conn.outbuf:
+            events |= selectors.EVENT_WRITE
+        if events == conn.events:
+            return
+        data = (self._on_conn, conn)
+        if not conn.events:
+            self.selector.register(conn.sock, events, data)
+        elif not events:
+            self.selector.unregister(conn.sock)
+        else:
+            self.selector.modify(conn.sock, events, data)
+        conn.events = events
+
+    def _maybe_close(self, conn):
+        if conn.closing and not conn.outbuf and not conn.slots:
+            self._close_conn(conn)
+
+    def _close_conn(self, conn):
+        if conn.sock is None:
+            return
+        for tid, _slot in conn.waits:
+            parked = self.waiters.get(tid)
+            if parked:
+                parked[:] = [(c, s) for c, s in parked if c is not conn]
+                if not parked:
+                    del self.waiters[tid]
+        conn.waits.clear()
+        if conn.events:
+            self.selector.unregister(conn.sock)
+        conn.sock.close()
+        conn.sock = None
+        self.conns.pop(conn.fd, None)
+        self.dirty.discard(conn)
+
+    # -- tasks ---------------------------------------------------------------
+
+    def _task_to(self, task, new):
+        old = transition(TASK_TRANSITIONS, task, new)
+        if old is TaskState.RUNNING:
+            self.running_count -= 1
+        if new is TaskState.RUNNING:
+            self.running_count += 1
+        return old
+
+    def new_task(self, spec):
+        """Create a task from validated fields and queue or delay it."""
+        seq = self._next_seq
+        self._next_seq += 1
+        task = Task(seq, spec, self.wall())
+        self.tasks[task.id] = task
+        now = self.clock()
+        if task.key is not None:
+            self.keys[task.key] = task.id
+        if task.deadline_at is not None:
+            task.expires = now + spec["deadline"]
+            task.deadline_entry = self.deadlines.push(task.expires, task)
+        if task.run_at is not None and spec["delay"] > 0:
+            self._task_to(task, TaskState.DELAYED)
+            task.delay_entry = self.delayed.push(now + spec["delay"], task)
+        else:
+            self._task_to(task, TaskState.QUEUED)
+            task.entry = self.ready.push_task(task)
+        self.counters["submitted"] += 1
+        return task
+
+    def _finish(self, task, state, result=None, error=None):
+        """Move ``task`` to a terminal state and answer its waiters."""
+        self._task_to(task, state)
+        task.finished_at = self.wall()
+        task.finished_mono = self.clock()
+        task.result = result
+        task.error = error
+        self.ready.remove(task.entry)
+        self.delayed.remove(task.delay_entry)
+        self.deadlines.remove(task.deadline_entry)
+        task.entry = task.delay_entry = task.deadline_entry = None
+        self.counters[{"DONE": "done", "DEAD": "dead", "EXPIRED": "expired",
+                       "CANCELLED": "cancelled"}[state]] += 1
+        for conn, slot in self.waiters.pop(task.id, ()):
+            conn.waits = [w for w in conn.waits if w[1] is not slot]
+            self._answer_parked(conn, slot, {"ok": True, "task": task.view()})
+        self.retention.append((task.finished_mono +
+                               self.cfg["tasks"].result_ttl, task.id))
+        if self.purge_timer is None:
+            self.purge_timer = self.call_at(self.retention[0][0], self._purge)
+
+    def _purge(self, _arg=None):
+        """Forget finished tasks past result_ttl and stale dedupe keys."""
+        self.purge_timer = None
+        now = self.clock()
+        while self.retention and self.retention[0][0] <= now:
+            task = self.tasks.pop(self.retention.popleft()[1], None)
+            if task is not None and self.keys.get(task.key) == task.id:
+                del self.keys[task.key]
+        if self.retention:
+            self.purge_timer = self.call_at(self.retention[0][0], self._purge)
+
+    def find_duplicate(self, key):
+        """Return the task that makes a submit with ``key`` a duplicate."""
+        task = self.tasks.get(self.keys.get(key))
+        if task is None:
+            return None
+        if task.state in TERMINAL and (self.clock() - task.finished_mono
+                                       >= self.cfg["tasks"].dedupe_window):
+            return None
+        return task
+
+    def _requeue(self, task):
+        self._task_to(task, TaskState.QUEUED)
+        task.entry = self.ready.push_task(task)
+        if task.expires is not None:
+            task.deadline_entry = self.deadlines.push(task.expires, task)
+
+    def _attempt_failed(self, task, error, crash=False):
+        """Retry ``task`` after a failed attempt, or end it."""
+        task.errors.append(error)
+        task.error = error
+        if crash:
+            task.crashes += 1
+        tcfg = self.cfg["tasks"]
+        final = None
+        if crash and task.crashes >= tcfg.max_crashes:
+            final = (TaskState.DEAD, dict(error, reason="poison", message=(
+                f"quarantined: killed its worker {task.crashes} times; "
+                f"last: {error['message']}")))
+        elif error["reason"] == "exception" and not task.retry_on_error:
+            final = (TaskState.DEAD, error)
+        elif error["reason"] == "unknown_handler":
+            final = (TaskState.DEAD, error)
+        elif task.attempts >= task.max_attempts:
+            final = (TaskState.DEAD, error)
+        elif task.expires is not None and self.clock() >= task.expires:
+            final = (TaskState.EXPIRED, dict(error, reason="expired", message=(
+                f"deadline passed after attempt {task.attempts} failed: "
+                f"{error['message']}")))
+        if final:
+            self._finish(task, final[0], error=final[1])
+            return
+        self.counters["retried"] += 1
+        wait = backoff_delay(task.attempts, tcfg.retry_backoff,
+                             tcfg.retry_backoff_max)
+        if wait <= 0:
+            self._requeue(task)
+            return
+        self._task_to(task, TaskState.DELAYED)
+        task.run_at = self.wall() + wait
+        task.delay_entry = self.delayed.push(self.clock() + wait, task)
+        if task.expires is not None:
+            task.deadline_entry = self.deadlines.push(task.expires, task)
+
+    # -- dispatch ------------------------------------------------------------
+
+    def _dispatch(self):
+        if self.stopping:
+            return
+        idle, ready = self.idle, self.ready
+        while idle and ready:
+            worker = idle.pop()
+            if worker.state is not WorkerState.IDLE:
+                continue
+            self._start_attempt(worker, ready.pop())
+
+    def _start_attempt(self, worker, task):
+        task.entry = None
+        self.deadlines.remove(task.deadline_entry)
+        task.deadline_entry = None
+        self._task_to(task, TaskState.RUNNING)
+        transition(WORKER_TRANSITIONS, worker, WorkerState.BUSY)
+        task.attempts += 1
+        task.started_at = self.wall()
+        task.worker = worker.id
+        worker.task = task
+        worker.attempt_deadline = self.clock() + task.timeout
+        self._send(worker, {"t": "run", "id": task.id, "a": task.attempts,
+                            "h": task.handler, "args": task.args,
+                            "kw": task.kwargs, "p": task.priority,
+                            "dl": task.deadline_at})
+        self._arm_check(worker, worker.attempt_deadline)
+
+    # -- workers: spawning ---------------------------------------------------
+
+    def _maintain_pool(self):
+        """Start or retire workers until the pool matches the target."""
+        if self.stopping:
+            return
+        live = [w for w in self.workers.values()
+                if w.state in LIVE_WORKER_STATES]
+        surplus = len(live) - self.target
+        if surplus > 0:
+            self._retire_some(live, surplus)
+            return
+        for _ in range(-surplus):
+            if self.clock() < self.spawn_after:
+                if self.spawn_timer is None:
+                    self.spawn_timer = self.call_at(
+                        self.spawn_after, self._spawn_due)
+                return
+            self._spawn()
+
+    def _spawn_due(self, _arg=None):
+        self.spawn_timer = None
+        self._maintain_pool()
+
+    def _spawn(self):
+        parent_sock, child_sock = socket.socketpair()
+        wcfg = self.cfg["workers"]
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            status = 1
+            try:
+                parent_sock.close()
+                self._close_in_child()
+                _redirect_stdin()
+                status = _worker_main(child_sock, wcfg.handlers,
+                                      wcfg.heartbeat_interval, os.getppid())
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(status)
+        child_sock.close()
+        parent_sock.setblocking(False)
+        worker = Worker(self._next_wid, pid, parent_sock, self.clock())
+        self._next_wid += 1
+        transition(WORKER_TRANSITIONS, worker, WorkerState.STARTING)
+        self.workers[worker.id] = worker
+        self.by_pid[pid] = worker
+        self.selector.register(parent_sock, selectors.EVENT_READ,
+                               (self._on_worker, worker))
+        self.counters["worker_starts"] += 1
+        self._arm_check(worker, worker.started_mono + wcfg.start_timeout)
+        log.debug("worker %d started, pid %d", worker.id, pid)
+        return worker
+
+    def _close_in_child(self):
+        """Close, in a fresh child, every descriptor the master holds."""
+        _reset_child_signals(self._signals)
+        for obj in (self.listener, self.wake_r, self.wake_w):
+            if obj is not None:
+                obj.close()
+        for worker in self.workers.values():
+            if worker.sock is not None:
+                worker.sock.close()
+        for conn in self.conns.values():
+            conn.sock.close()
+        self.selector.close()
+        logging.getLogger().handlers.clear()
+        logging.basicConfig(level=log.getEffectiveLevel(), format=
+                            "%(asctime)s lbd-worker[%(process)d] "
+                            "%(levelname)s %(message)s")
+
+    # -- workers: messages ---------------------------------------------------
+
+    def _send(self, worker, msg):
+        if worker.sock is None or worker.exit is not None:
+            return
+        worker.outbuf += dumps(msg)
+        self._flush_worker(worker)
+
+    def _flush_worker(self, worker):
+        try:
+            sent = worker.sock.send(worker.outbuf)
+            worker.outbuf = worker.outbuf[sent:]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._worker_eof(worker)
+            return
+        events = selectors.EVENT_READ
+        if worker.outbuf:
+            events |= selectors.EVENT_WRITE
+        self.selector.modify(worker.sock, events, (self._on_worker, worker))
+
+    def _on_worker(self, worker, mask):
+        if mask & selectors.EVENT_WRITE:
+            self._flush_worker(worker)
+            if worker.sock is None:
+                return
+        if not mask & selectors.EVENT_READ:
+            return
+        try:
+            data = worker.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._worker_eof(worker)
+            return
+        lines = (worker.inbuf + data).split(b"\n")
+        worker.inbuf = lines.pop()
+        worker.last_beat = self.clock()
+        for line in lines:
+            self._worker_message(worker, json.loads(line))
+
+    def _worker_message(self, worker, msg):
+        kind = msg["t"]
+        if kind == "hb":
+            return
+        if kind == "ready":
+            self._worker_ready(worker, msg)
+        elif kind in ("ok", "err"):
+            self._worker_result(worker, msg)
+        elif kind == "boot_error":
+            self.boot_error = msg["message"]
+            log.error("worker %d could not load its handlers: %s",
+                      worker.id, msg["message"])
+
+    def _worker_ready(self, worker, msg):
+        if worker.state is not WorkerState.STARTING:
+            return
+        worker.ready = True
+        self.known_handlers = frozenset(msg["handlers"])
+        self.boot_failures = 0
+        self.boot_error = None
+        self.spawn_after = 0.0
+        self._to_idle(worker)
+        log.debug("worker %d ready", worker.id)
+
+    def _to_idle(self, worker):
+        transition(WORKER_TRANSITIONS, worker, WorkerState.IDLE)
+        self.idle.append(worker)
+
+    def _worker_result(self, worker, msg):
+        task = worker.task
+        if not result_is_current(task, worker, msg["id"], msg["a"]):
+            self.counters["stale_results"] += 1
+            log.info("ignored a stale result for task %s attempt %s from "
+                     "worker %d", msg["id"], msg["a"], worker.id)
+            return
+        worker.task = None
+        worker.attempt_deadline = None
+        worker.tasks_done += 1
+        if msg["t"] == "ok":
+            self._finish(task, TaskState.DONE, result=msg["r"])
+        else:
+            self._attempt_failed(task, msg["e"])
+        self._after_task(worker)
+
+    def _after_task(self, worker):
+        max_tasks = self.cfg["workers"].max_tasks
+        if worker.state is WorkerState.DRAINING or self.stopping:
+            self._stop_worker(worker)
+        elif max_tasks and worker.tasks_done >= max_tasks:
+            log.info("worker %d recycled after %d tasks", worker.id,
+                     worker.tasks_done)
+            self._stop_worker(worker)
+            self._maintain_pool()
+        else:
+            self._to_idle(worker)
+
+    # -- workers: stopping and killing ---------------------------------------
+
+    def _stop_worker(self, worker):
+        """Ask an idle or draining worker to exit cleanly."""
+        transition(WORKER_TRANSITIONS, worker, WorkerState.STOPPING)
+        self._send(worker, {"t": "stop"})
+        worker.kill_at = self.clock() + self.cfg["workers"].kill_grace
+        self._arm_check(worker, worker.kill_at)
+
+    def _kill_worker(self, worker, reason, state):
+        """Stop a worker with SIGTERM, then SIGKILL after kill_grace."""
+        if worker.kill_reason is None:
+            worker.kill_reason = reason
+        if worker.state is not state and state in WORKER_TRANSITIONS[
+                worker.state]:
+            transition(WORKER_TRANSITIONS, worker, state)
+        _signal_pid(worker.pid, signal.SIGTERM)
+        worker.kill_at = self.clock() + self.cfg["workers"].kill_grace
+        self._arm_check(worker, worker.kill_at)
+
+    def _arm_check(self, worker, when):
+        """Make sure ``_check_worker`` runs at or before ``when``."""
+        entry = worker.check_entry
+        if entry is not None and entry[2] is not None and entry[0] <= when:
+            return
+        self.timers.remove(entry)
+        worker.check_entry = self.call_at(when, self._check_worker, worker)
+
+    def _check_worker(self, worker):
+        """Enforce a worker's start, attempt, heartbeat and kill deadlines.
+
+        One timer per worker: it fires at the earliest of them and re-arms
+        for the next, so heartbeats and dispatches cost no timer churn.
+        """
+        worker.check_entry = None
+        if worker.id not in self.workers:
+            return
+        now = self.clock()
+        wcfg = self.cfg["workers"]
+        if worker.kill_at is not None:
+            if now >= worker.kill_at:
+                _signal_pid(worker.pid, signal.SIGKILL)
+                worker.kill_at = None
+                return
+            self._arm_check(worker, worker.kill_at)
+            return
+        if worker.state is WorkerState.STARTING:
+            limit = worker.started_mono + wcfg.start_timeout
+            if now >= limit:
+                self.boot_error = (f"worker {worker.id} did not report ready "
+                                   f"within {wcfg.start_timeout:g} s")
+                log.error("%s; killing it", self.boot_error)
+                self._kill_worker(worker, "start_timeout", WorkerState.FAILED)
+                return
+            self._arm_check(worker, limit)
+            return
+        if worker.attempt_deadline is not None:
+            if now >= worker.attempt_deadline:
+                self.counters["timeouts"] += 1
+                log.warning("task %s timed out on worker %d after %g s",
+                            worker.task.id, worker.id, worker.task.timeout)
+                self._kill_worker(worker, "timeout", WorkerState.FAILED)
+                return
+        hb_limit = worker.last_beat + wcfg.heartbeat_timeout
+        if now >= hb_limit:
+            self.counters["hangs"] += 1
+            log.warning("worker %d sent no heartbeat for %g s; presumed hung",
+                        worker.id, now - worker.last_beat)
+            self._kill_worker(worker, "unresponsive", WorkerState.FAILED)
+            return
+        due = [hb_limit]
+        if worker.attempt_deadline is not None:
+            due.append(worker.attempt_deadline)
+        self._arm_check(worker, min(due))
+
+    def _close_worker_sock(self, worker):
+        if worker.sock is not None:
+            self.selector.unregister(worker.sock)
+            worker.sock.close()
+            worker.sock = None
+        if worker.state not in (WorkerState.STOPPING, WorkerState.FAILED):
+            transition(WORKER_TRANSITIONS, worker, WorkerState.FAILED)
+
+    def _worker_eof(self, worker):
+        """The worker's socket closed: it is exiting (or must be made to)."""
+        if worker.sock is None:
+            return
+        self._close_worker_sock(worker)
+        if worker.kill_at is None and worker.exit is None:
+            worker.kill_at = self.clock() + self.cfg["workers"].kill_grace
+            self._arm_check(worker, worker.kill_at)
+        self.reap_needed = True
+
+    def _drain_worker(self, worker):
+        """Read what an exited worker sent before it died."""
+        data = worker.inbuf
+        while True:
+            try:
+                chunk = worker.sock.recv(RECV_SIZE)
+            except OSError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        worker.inbuf = b""
+        for line in data.split(b"\n")[:-1]:
+            self._worker_message(worker, json.loads(line))
+
+    def _reap(self, _signum=None):
+        """Collect every exited child; settle each one's worker and task."""
+        while True:
+            try:
+                pid, status, rusage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.by_pid.pop(pid, None)
+            if worker is not None:
+                self._worker_exited(worker, _exit_info(status, rusage))
+
+    def _worker_exited(self, worker, info):
+        worker.exit = info
+        if worker.sock is not None:
+            self._drain_worker(worker)
+        self._close_worker_sock(worker)
+        self.timers.remove(worker.check_entry)
+        worker.check_entry = None
+        del self.workers[worker.id]
+        reason = worker.kill_reason
+        expected = reason is not None or (
+            worker.state is WorkerState.STOPPING and info["exit_code"] == 0)
+        level = logging.DEBUG if expected else logging.WARNING
+        log.log(level, "worker %d (pid %d) %s%s", worker.id, worker.pid,
+                _describe_exit(info),
+                f" [{reason}]" if reason else "")
+        if not worker.ready and reason in (None, "start_timeout"):
+            self._boot_failed(worker, info)
+        elif not expected:
+            self.counters["worker_crashes"] += 1
+        task = worker.task
+        worker.task = None
+        if task is not None and task.state is TaskState.RUNNING:
+            self._settle_orphan(task, worker, reason, info)
+        self._maintain_pool()
+
+    def _settle_orphan(self, task, worker, reason, info):
+        """Decide the fate of a task whose worker is now confirmed dead."""
+        if reason == "shutdown":
+            task.attempts -= 1       # not the task's fault: not an attempt
+            self._requeue(task)
+            return
+        reason = reason or "crash"
+        messages = {
+            "timeout": f"attempt timed out after {task.timeout:g} s",
+            "unresponsive": "worker stopped sending heartbeats",
+            "crash": f"worker {_describe_exit(info)}",
+        }
+        error = {"reason": reason, "type": None, "traceback": None,
+                 "message": messages.get(reason, reason),
+                 "worker": worker.id, **info}
+        self._attempt_failed(task, error, crash=(reason == "crash"))
+
+    def _boot_failed(self, worker, info):
+        self.counters["boot_failures"] += 1
+        self.boot_failures += 1
+        delay = min(BOOT_BACKOFF_MAX,
+                    BOOT_BACKOFF_BASE * 2 ** min(self.boot_failures - 1, 20))
+        self.spawn_after = self.clock() + delay
+        if self.boot_error is None:
+            self.boot_error = f"worker {worker.id} {_describe_exit(info)} " \
+                              "before it was ready"
+        log.error("worker boot failed %d time(s) in a row; next try in "
+                  "%.1f s: %s", self.boot_failures, delay, self.boot_error)
+
+    # -- pool size -----------------------------------------------------------
+
+    def _set_target(self, target, why):
+        target = max(self.min_workers, min(self.max_workers, target))
+        if target != self.target:
+            log.info("pool target %d -> %d (%s)", self.target, target, why)
+            self.target = target
+        self._maintain_pool()
+
+    def _retire_some(self, live, count):
+        """Retire ``count`` workers: idle (or starting) first, then busy."""
+        order = {WorkerState.STARTING: 0, WorkerState.IDLE: 1,
+                 WorkerState.BUSY: 2}
+        for worker in sorted(live, key=lambda w: order[w.state])[:count]:
+            self.retire(worker)
+
+    def retire(self, worker):
+        """Let a worker go without losing or repeating its task."""
+        if worker.state is WorkerState.BUSY:
+            transition(WORKER_TRANSITIONS, worker, WorkerState.DRAINING)
+        elif worker.state is WorkerState.IDLE:
+            self._stop_worker(worker)
+        elif worker.state is WorkerState.STARTING:
+            self._kill_worker(worker, "retired", WorkerState.STOPPING)
+
+    # -- shutdown ------------------------------------------------------------
+
+    def begin_shutdown(self):
+        """Stop taking submits; let running tasks finish within stop_grace."""
+        if self.stopping:
+            return
+        self.stopping = True
+        grace = self.cfg["workers"].stop_grace
+        log.info("shutting down: %d running task(s) get up to %g s",
+                 self.running_count, grace)
+        self.timers.remove(self.spawn_timer)
+        for worker in list(self.workers.values()):
+            if worker.state is WorkerState.STARTING:
+                self._kill_worker(worker, "shutdown", WorkerState.STOPPING)
+            elif worker.state is not WorkerState.STOPPING:
+                self.retire(worker)
+        self.stop_deadline = self.call_at(self.clock() + grace,
+                                          self._stop_now)
+
+    def _stop_now(self, _arg=None):
+        """The grace is over: kill what still runs; its tasks re-queue."""
+        for worker in list(self.workers.values()):
+            if worker.kill_reason is None:
+                self._kill_worker(worker, "shutdown", WorkerState.STOPPING)
+
+    def _finish_shutdown(self):
+        for tid in list(self.waiters):
+            for conn, slot in self.waiters.pop(tid):
+                self._answer_parked(conn, slot, {
+                    "ok": False, "error": SHUTTING_DOWN,
+                    "message": "the daemon shut down before the task ended"})
+        for conn in list(self.dirty):
+            self._flush_conn(conn)
+        self.done = True
+
+    def _emergency_stop(self):
+        for worker in self.workers.values():
+            _signal_pid(worker.pid, signal.SIGKILL)
+
+    # == Commands =============================================================
+    # One method per op: (conn, request, slot) -> response, or None when the
+    # request is parked and answered later through its slot.
+
+    def op_ping(self, conn, request, slot):
+        return {"ok": True, "version": __version__}
+
+    def op_submit(self, conn, request, slot):
+        if self.stopping:
+            raise RequestError(SHUTTING_DOWN, "the daemon is shutting down")
+        tcfg = self.cfg["tasks"]
+        spec = validate_task(request.get("task"), {
+            "timeout": tcfg.timeout, "max_attempts": tcfg.max_attempts})
+        self._check_handler(spec["handler"])
+        if spec["key"] is not None:
+            task = self.find_duplicate(spec["key"])
+            if task is not None:
+                self.counters["duplicates"] += 1
+                return {"ok": True, "id": task.id, "duplicate": True}
+        if len(self.ready) + len(self.delayed) >= \
+                self.cfg["server"].max_queued:
+            raise RequestError(QUEUE_FULL, "the queue is full "
+                               f"({self.cfg['server'].max_queued} tasks)")
+        task = self.new_task(spec)
+        return {"ok": True, "id": task.id, "duplicate": False}
+
+    def _check_handler(self, name):
+        if name in BUILTIN_HANDLERS:
+            return
+        module = name.split(":")[0]
+        if module not in self.cfg["workers"].handlers:
+            raise RequestError(UNKNOWN_HANDLER, f"handler module '{module}' "
+                               "is not in the allowlist ([workers] handlers)")
+        if self.known_handlers is not None and \
+                name not in self.known_handlers:
+            raise RequestError(UNKNOWN_HANDLER,
+                               f"module '{module}' has no handler "
+                               f"'{name.split(':')[1]}'")
+
+    def _get_task(self, request):
+        tid = field(request, "id", (str,), "a task id string")
+        task = self.tasks.get(tid)
+        if task is None:
+            raise RequestError(NOT_FOUND, f"no task {tid[:100]!r}")
+        return task
+
+    def op_get(self, conn, request, slot):
+        return {"ok": True, "task": self._get_task(request).view()}
+
+    def op_wait(self, conn, request, slot):
+        task = self._get_task(request)
+        timeout = seconds_field(request, "timeout")
+        if task.state in TERMINAL:
+            return {"ok": True, "task": task.view()}
+        if self.stopping:
+            raise RequestError(SHUTTING_DOWN, "the daemon is shutting down")
+        if timeout is not None:
+            self.call_at(self.clock() + timeout, self._wait_timeout,
+                         (conn, slot, task.id))
+        self.waiters.setdefault(task.id, []).append((conn, slot))
+        conn.waits.append((task.id, slot))
+        return None
+
+    def _wait_timeout(self, arg):
+        conn, slot, tid = arg
+        parked = self.waiters.get(tid)
+        if not parked or not any(s is slot for _, s in parked):
+            return
+        parked[:] = [(c, s) for c, s in parked if s is not slot]
+        if not parked:
+            del self.waiters[tid]
+        conn.waits = [w for w in conn.waits if w[1] is not slot]
+        self._answer_parked(conn, slot, {
+            "ok": False, "error": TIMEOUT,
+            "message": f"task {tid} is not finished yet"})
+
+    def op_cancel(self, conn, request, slot):
+        task = self._get_task(request)
+        if task.state in TERMINAL:
+            raise RequestError(NOT_CANCELLABLE,
+                               f"task {task.id} is already {task.state}")
+        worker = self.workers.get(task.worker)
+        running = task.state is TaskState.RUNNING
+        self._finish(task, TaskState.CANCELLED, error={
+            "reason": "cancelled", "type": None, "traceback": None,
+            "message": "cancelled by request"})
+        if running and worker is not None and worker.task is task:
+            self._kill_worker(worker, "cancel", WorkerState.STOPPING)
+        return {"ok": True, "task": task.view()}
+
+    def op_status(self, conn, request, slot):
+        return {
+            "ok": True, "version": __version__, "pid": os.getpid(),
+            "workers": [w.view() for w in self.workers.values()],
+            "queue": {"ready": len(self.ready),
+                      "delayed": len(self.delayed),
+                      "running": self.running_count},
+            "min_workers": self.min_workers,
+            "max_workers": self.max_workers,
+            "target_workers": self.target,
+            "stopping": self.stopping,
+            "worker_error": None if self.boot_error is None else {
+                "message": self.boot_error,
+                "failures": self.boot_failures,
+                "retry_in": round(max(0.0, self.spawn_after - self.clock()),
+                                  3)},
+            "counters": dict(self.counters),
+        }
+
+    def op_metrics(self, conn, request, slot):
+        by_state = collections.Counter(w.state for w in self.workers.values())
+        return {"ok": True, "metrics": {
+            "queue": {"ready": len(self.ready), "delayed": len(self.delayed),
+                      "running": self.running_count},
+            "workers": {s.value: by_state.get(s, 0) for s in WorkerState},
+            "tasks_retained": len(self.tasks),
+            "counters": dict(self.counters),
+        }}
+
+    def op_drain(self, conn, request, slot):
+        wid = field(request, "worker", (int,), "a worker id (integer)")
+        worker = self.workers.get(wid)
+        if worker is None or worker.state not in LIVE_WORKER_STATES:
+            raise RequestError(NOT_FOUND, f"no live worker {wid}")
+        self.target = max(self.min_workers, self.target - 1)
+        self.retire(worker)
+        self._maintain_pool()
+        return {"ok": True, "worker": worker.view()}
+
+    def op_scale(self, conn, request, slot):
+        low = field(request, "min", (int,), "an integer", required=False)
+        high = field(request, "max", (int,), "an integer", required=False)
+        low = self.min_workers if low is None else low
+        high = self.max_workers if high is None else high
+        if low < 1 or high < low or high > 4096:
+            raise _bad(f"need 1 <= min <= max <= 4096, got min {low}, "
+                       f"max {high}")
+        self.min_workers, self.max_workers = low, high
+        self._set_target(self.target, "scale request")
+        return {"ok": True, "min_workers": low, "max_workers": high}
+
+    def op_shutdown(self, conn, request, slot):
+        self.begin_shutdown()
+        return {"ok": True}
+
+
+def _ignore_signal(_signum, _frame):
+    """The signal's byte reaches the loop through the wakeup fd."""
+
+
+def _signal_pid(pid, signum):
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _redirect_stdin():
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(fd, 0)
+    os.close(fd)
+
+
+def _refuse(sock, code, message):
+    try:
+        sock.setblocking(False)
+        sock.send(dumps({"ok": False, "error": code, "message": message}))
+    except OSError:
+        pass
+    sock.close()
+
+
+def _prepare_socket_dir(path):
+    """Create the default private socket directory, or check it is ours."""
+    folder = os.path.dirname(path) or "."
+    if folder != f"/tmp/lbd-{os.getuid()}":
+        return
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        info = os.lstat(folder)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            raise ConfigError(f"{folder} exists and is not a directory "
+                              "owned by this user; use --socket") from None
+
+
+def _remove_stale_socket(path):
+    """Refuse if a live daemon answers at ``path``; remove a dead socket."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        log.info("removed stale socket %s", path)
+        return
+    except OSError as exc:
+        raise ConfigError(f"cannot check socket {path}: {exc}") from None
+    finally:
+        probe.close()
+    raise ConfigError(f"another lbd daemon is already serving on {path}")
+
+
+###############################################################################
+# Client ######################################################################
+###############################################################################
+
+#: Task fields ``Client.submit`` takes as keyword options.
+_SUBMIT_OPTIONS = TASK_FIELDS - {"handler", "args"}
+
+
+class Client:
+    """A blocking client for one daemon; usable as a context manager.
+
+    Every method raises RequestError (with ``.code``) for an error
+    response and Unavailable when no daemon answers.
+    """
+
+    def __init__(self, socket_path=None, timeout=None):
+        self.socket_path = socket_path or default_socket_path()
+        self.timeout = timeout
+        self._sock = None
+        self._rfile = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        """Close the connection; the next call opens a new one."""
+        if self._sock is not None:
+            self._rfile.close()
+            self._sock.close()
+            self._sock = self._rfile = None
+
+    def _connect(self):
+        if self._sock is not None:
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError as exc:
+            sock.close()
+            raise Unavailable(f"no lbd daemon is answering at "
+                              f"{self.socket_path} "
+                              f"({exc.strerror or exc})") from None
+        self._sock = sock
+        self._rfile = sock.makefile("rb")
+
+    def _read(self):
+        try:
+            line = self._rfile.readline()
+        except OSError as exc:
+            self.close()
+            raise Unavailable(f"lost the daemon at {self.socket_path}: "
+                              f"{exc}") from None
+        if not line.endswith(b"\n"):
+            self.close()
+            raise Unavailable(f"the daemon at {self.socket_path} closed "
+                              "the connection")
+        return json.loads(line)
+
+    def _write(self, data):
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            self.close()
+            raise Unavailable(f"lost the daemon at {self.socket_path}: "
+                              f"{exc}") from None
+
+    def request(self, op, **fields):
+        """Send one request; return the response or raise RequestError."""
+        self._connect()
+        self._write(dumps({"op": op, **fields}))
+        return _checked(self._read())
+
+    def pipeline(self, requests, batch=512):
+        """Send many requests, reading as it goes; return every response.
+
+        Error responses are returned, not raised, one per request.
+        """
+        self._connect()
+        responses = []
+        for start in range(0, len(requests), batch):
+            chunk = requests[start:start + batch]
+            self._write(b"".join(dumps(r) for r in chunk))
+            responses.extend(self._read() for _ in chunk)
+        return responses
+
+    def submit(self, handler, *args, **options):
+        """Submit ``handler(*args, **kwargs)``; return the task id.
+
+        ``options`` are task fields: kwargs, priority, timeout, deadline,
+        delay, max_attempts, key, retry_on_error.
+        """
+        unknown = set(options) - _SUBMIT_OPTIONS
+        if unknown:
+            raise TypeError(f"unknown submit option {sorted(unknown)[0]!r}")
+        task = {"handler": handler, "args": list(args), **options}
+        return self.request("submit", task=task)["id"]
+
+    def get(self, task_id):
+        """Return the task view."""
+        return self.request("get", id=task_id)["task"]
+
+    def wait(self, task_id, timeout=None):
+        """Block until the task is terminal; return its view."""
+        fields = {"id": task_id}
+        if timeout is not None:
+            fields["timeout"] = timeout
+        return self.request("wait", **fields)["task"]
+
+    def cancel(self, task_id):
+        """Cancel a task; return its view (now CANCELLED)."""
+        return self.request("cancel", id=task_id)["task"]
+
+    def status(self):
+        """Return the daemon's status response."""
+        return self.request("status")
+
+    def metrics(self):
+        """Return the metrics snapshot."""
+        return self.request("metrics")["metrics"]
+
+    def ping(self):
+        """Return the daemon's version."""
+        return self.request("ping")["version"]
+
+    def shutdown(self):
+        """Ask the daemon to shut down gracefully."""
+        self.request("shutdown")
+
+
+def _checked(response):
+    if not response.get("ok"):
+        raise RequestError(response.get("error", "error"),
+                           response.get("message", ""))
+    return response
+
+
+###############################################################################
+# CLI #########################################################################
+###############################################################################
+
+
+def _json_arg(text):
+    """A CLI ARG: JSON when it parses as JSON, else the string itself."""
+    try:
+        return loads(text)
+    except RequestError:
+        return text
+
+
+def _print_json(obj):
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def cmd_serve(args):
+    overrides = {}
+    for name, key, value in (
+            ("server", "socket", args.socket),
+            ("journal", "path", args.journal),
+            ("workers", "min", args.min_workers),
+            ("workers", "max", args.max_workers)):
+        if value is not None:
+            overrides[name, key] = value
+    if args.handlers is not None:
+        overrides["workers", "handlers"] = [
+            m.strip() for m in args.handlers.split(",") if m.strip()]
+    return Master(load_config(args.config, overrides)).serve()
+
+
+def _task_options(args):
+    options = {}
+    if args.kwargs is not None:
+        options["kwargs"] = loads(args.kwargs)
+    for name in ("priority", "timeout", "deadline", "delay", "max_attempts",
+                 "key"):
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = value
+    return options
+
+
+def cmd_submit(args, client):
+    if args.handler == "-":
+        return _submit_stdin(client)
+    task_id = client.submit(args.handler, *map(_json_arg, args.args),
+                            **_task_options(args))
+    if not args.wait:
+        print(task_id)
+        return 0
+    view = client.wait(task_id)
+    return _print_outcome(view, args.json)
+
+
+def _submit_stdin(client):
+    requests, status = [], 0
+    for number, line in enumerate(sys.stdin, 1):
+        if not line.strip():
+            continue
+        try:
+            requests.append({"op": "submit", "task": loads(line)})
+        except RequestError as exc:
+            print(f"lbd: line {number}: {exc.message}", file=sys.stderr)
+            status = EXIT_FAILED
+    for response in client.pipeline(requests):
+        if response.get("ok"):
+            print(response["id"])
+        else:
+            print(f"lbd: {response.get('error')}: {response.get('message')}",
+                  file=sys.stderr)
+            status = EXIT_FAILED
+    return status
+
+
+def _print_outcome(view, as_json):
+    if as_json:
+        _print_json(view)
+    elif view["state"] == TaskState.DONE:
+        print(json.dumps(view["result"]))
+    else:
+        error = view.get("error") or {}
+        print(f"task {view['id']} {view['state']}: "
+              f"{error.get('reason')}: {error.get('message')}",
+              file=sys.stderr)
+    return 0 if view["state"] == TaskState.DONE else EXIT_FAILED
+
+
+def cmd_get(args, client):
+    _print_json(client.get(args.id))
+    return 0
+
+
+def cmd_wait(args, client):
+    return _print_outcome(client.wait(args.id, args.timeout), True)
+
+
+def cmd_cancel(args, client):
+    view = client.cancel(args.id)
+    print(f"{view['id']} {view['state']}")
+    return 0
+
+
+def cmd_status(args, client):
+    status = client.status()
+    if args.json:
+        _print_json(status)
+        return 0
+    queue = status["queue"]
+    print(f"lbd {status['version']} pid {status['pid']}: "
+          f"{len(status['workers'])} worker(s), target "
+          f"{status['target_workers']} (min {status['min_workers']}, max "
+          f"{status['max_workers']}); queue: {queue['ready']} ready, "
+          f"{queue['delayed']} delayed, {queue['running']} running"
+          + ("; SHUTTING DOWN" if status["stopping"] else ""))
+    if status["worker_error"]:
+        err = status["worker_error"]
+        print(f"workers failing to start ({err['failures']} in a row, next "
+              f"try in {err['retry_in']} s): {err['message']}")
+    print(f"{'WORKER':>6}  {'PID':>8}  {'STATE':<9} {'TASK':<18} {'DONE':>6}")
+    for w in status["workers"]:
+        print(f"{w['id']:>6}  {w['pid']:>8}  {w['state']:<9} "
+              f"{w['task'] or '-':<18} {w['tasks_done']:>6}")
+    return 0
+
+
+def cmd_metrics(args, client):
+    metrics = client.metrics()
+    if args.json:
+        _print_json(metrics)
+        return 0
+    for section, values in metrics.items():
+        if isinstance(values, dict):
+            print(f"{section}: " + ", ".join(
+                f"{k} {v}" for k, v in values.items()))
+        else:
+            print(f"{section}: {values}")
+    return 0
+
+
+def cmd_ping(args, client):
+    deadline = time.monotonic() + (args.wait or 0)
+    while True:
+        try:
+            print(f"lbd {client.ping()} at {client.socket_path}")
+            return 0
+        except Unavailable:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
+def cmd_drain(args, client):
+    view = client.request("drain", worker=args.worker)["worker"]
+    print(f"worker {view['id']} {view['state']}")
+    return 0
+
+
+def cmd_scale(args, client):
+    fields = {k: v for k, v in (("min", args.min), ("max", args.max))
+              if v is not None}
+    response = client.request("scale", **fields)
+    print(f"min {response['min_workers']}, max {response['max_workers']}")
+    return 0
+
+
+def cmd_shutdown(args, client):
+    client.shutdown()
+    print("shutting down")
+    return 0
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def _seconds(text):
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError("must be a number of seconds >= 0")
+    return value
+
+
+def build_parser():
+    """Return the argparse parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="lbd", description="A lightweight load balancer for Python "
+        "backends: a daemon, and the client commands that talk to it.")
+    parser.add_argument("--version", action="version",
+                        version=f"lbd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument("-c", "--config", metavar="FILE")
+    serve.add_argument("--socket", metavar="PATH")
+    serve.add_argument("--journal", metavar="FILE")
+    serve.add_argument("--handlers", metavar="MODS",
+                       help="comma-separated handler modules")
+    serve.add_argument("--min-workers", type=_positive_int, metavar="N")
+    serve.add_argument("--max-workers", type=_positive_int, metavar="N")
+    serve.add_argument("--log-level", default="INFO",
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.set_defaults(func=cmd_serve, client=False)
+
+    def client_cmd(name, func, help):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--socket", metavar="PATH",
+                       help="daemon socket (default: $LBD_SOCKET, else "
+                       "the same default as serve)")
+        p.set_defaults(func=func, client=True)
+        return p
+
+    p = client_cmd("submit", cmd_submit, "submit a task")
+    p.add_argument("handler", metavar="HANDLER",
+                   help="module:function, or - to read JSON tasks from stdin")
+    p.add_argument("args", nargs="*", metavar="ARG",
+                   help="arguments, each JSON when it parses, else a string")
+    p.add_argument("--kwargs", metavar="JSON")
+    p.add_argument("--priority", type=int)
+    p.add_argument("--timeout", type=float)
+    p.add_argument("--deadline", type=float)
+    p.add_argument("--delay", type=float)
+    p.add_argument("--max-attempts", type=int)
+    p.add_argument("--key")
+    p.add_argument("--wait", action="store_true",
+                   help="wait and print the result; exit 1 unless DONE")
+    p.add_argument("--json", action="store_true",
+                   help="with --wait, print the whole task view")
+
+    p = client_cmd("get", cmd_get, "show a task")
+    p.add_argument("id")
+    p = client_cmd("wait", cmd_wait, "wait for a task to finish")
+    p.add_argument("id")
+    p.add_argument("--timeout", type=_seconds, metavar="S")
+    p = client_cmd("cancel", cmd_cancel, "cancel a task")
+    p.add_argument("id")
+    p = client_cmd("status", cmd_status, "show workers and queue")
+    p.add_argument("--json", action="store_true")
+    p = client_cmd("metrics", cmd_metrics, "show counters and gauges")
+    p.add_argument("--json", action="store_true")
+    p = client_cmd("ping", cmd_ping, "check that the daemon answers")
+    p.add_argument("--wait", type=_seconds, metavar="S",
+                   help="keep trying for up to S seconds")
+    p = client_cmd("drain", cmd_drain, "retire a worker after its task")
+    p.add_argument("worker", type=int)
+    p = client_cmd("scale", cmd_scale, "change the pool bounds")
+    p.add_argument("--min", type=_positive_int)
+    p.add_argument("--max", type=_positive_int)
+    client_cmd("shutdown", cmd_shutdown, "stop the daemon gracefully")
+    return parser
+
+
+def main(argv=None):
+    """Run the ``lbd`` command line; return the exit status."""
+    sys.modules.setdefault("lbd", sys.modules[__name__])
+    args = build_parser().parse_args(argv)
+    try:
+        if not args.client:
+            logging.basicConfig(
+                level=args.log_level, stream=sys.stderr,
+                format="%(asctime)s lbd[%(process)d] %(levelname)s "
+                       "%(message)s")
+            return args.func(args)
+        with Client(args.socket) as client:
+            return args.func(args, client)
+    except Unavailable as exc:
+        print(f"lbd: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except RequestError as exc:
+        print(f"lbd: error: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    except LbdError as exc:
+        print(f"lbd: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
