@@ -1904,8 +1904,6 @@ class Master:
         timeout = seconds_field(request, "timeout")
         if task.state in TERMINAL:
             return {"ok": True, "task": task.view()}
-        if self.stopping:
-            raise RequestError(SHUTTING_DOWN, "the daemon is shutting down")
         if timeout is not None:
             self.call_at(self.clock() + timeout, self._wait_timeout,
                          (conn, slot, task.id))
