@@ -15,9 +15,11 @@ Sections, in dependency order (``grep -n '^# .*####' lbd.py``):
     Heaps                   the ready queue and the due-time heaps
     Tasks                   the task record and its view
     Validation              request parsing and task-field checks
+    Journal codec           record framing, torn tails, replay (no I/O)
     Configuration           the schema, its defaults, TOML loading
     Built-in handlers       lbd:echo, lbd:sleep, lbd.current_task()
     Worker process          what a forked child runs
+    Journal file            the append-only file: group commit, compaction
     Master                  the event loop, dispatch and supervision
     Commands                one method per protocol op
     Client                  the Python client
@@ -27,6 +29,8 @@ Sections, in dependency order (``grep -n '^# .*####' lbd.py``):
 import argparse
 import collections
 import enum
+import fcntl
+import glob
 import heapq
 import importlib
 import itertools
@@ -45,10 +49,11 @@ import threading
 import time
 import tomllib
 import traceback
+import zlib
 
 __all__ = [
     "Client", "LbdError", "RequestError", "Unavailable", "ConfigError",
-    "TransitionError", "current_task", "echo", "sleep", "main",
+    "TransitionError", "JournalError", "current_task", "echo", "sleep", "main",
     "WorkerState", "TaskState", "WORKER_TRANSITIONS", "TASK_TRANSITIONS",
     "__version__",
 ]
@@ -75,6 +80,7 @@ QUEUE_FULL = "queue_full"
 SHUTTING_DOWN = "shutting_down"
 TIMEOUT = "timeout"
 INTERNAL = "internal_error"
+JOURNAL_ERROR = "journal_error"
 
 #: Exit code of a worker whose handler modules failed to import.
 WORKER_BOOT_ERROR = 3
@@ -120,6 +126,18 @@ class RequestError(LbdError):
 
 class Unavailable(LbdError):
     """No daemon answers on the socket, or it went away mid-request."""
+
+
+class JournalError(LbdError):
+    """A journal that cannot be opened, locked, read or trusted."""
+
+
+class JournalCorrupt(JournalError):
+    """A damaged record with valid records after it: not a torn tail."""
+
+    def __init__(self, offset, message):
+        super().__init__(message)
+        self.offset = offset
 
 
 ###############################################################################
@@ -339,6 +357,35 @@ class Task:
         self.entry = self.delay_entry = self.deadline_entry = None
         self.expires = self.finished_mono = None
 
+    #: Fields a journal "s" record carries: what the submit fixed.
+    SUBMIT_FIELDS = ("seq", "handler", "args", "kwargs", "priority",
+                     "timeout", "deadline_at", "run_at", "max_attempts",
+                     "key", "retry_on_error", "submitted_at")
+    #: Fields that change as the task runs; with SUBMIT_FIELDS, its state.
+    PROGRESS_FIELDS = ("state", "attempts", "crashes", "started_at",
+                       "finished_at", "result", "error", "errors", "worker")
+
+    def submit_record(self):
+        """Return the fields a journal submit record keeps."""
+        return {name: getattr(self, name) for name in self.SUBMIT_FIELDS}
+
+    def state_dict(self):
+        """Return the whole task state, as a snapshot record keeps it."""
+        return {name: getattr(self, name)
+                for name in self.SUBMIT_FIELDS + self.PROGRESS_FIELDS}
+
+    @classmethod
+    def from_state(cls, state):
+        """Rebuild a task from a replayed or snapshot state dict."""
+        task = cls.__new__(cls)
+        for name in cls.__slots__:
+            setattr(task, name, None)
+        for name in cls.SUBMIT_FIELDS + cls.PROGRESS_FIELDS:
+            setattr(task, name, state[name])
+        task.id = str(task.seq)
+        task.state = TaskState(task.state)
+        return task
+
     def view(self):
         """Return the task as the protocol shows it."""
         return {
@@ -515,6 +562,189 @@ def seconds_field(request, name):
 
 
 ###############################################################################
+# Journal codec ###############################################################
+###############################################################################
+#
+# The journal is one append-only file of lines, each one record:
+#
+#     <CRC32 of the payload, 8 hex digits> <payload: a JSON object>\n
+#
+# The first record is the header {"k": "h", "v": JOURNAL_VERSION}. Then,
+# keyed by "k", with "id" the task's integer sequence number:
+#
+#     s  submitted: "t" holds the fields the submit fixed
+#     t  a snapshot of one task's whole state (written by compaction)
+#     r  an attempt started: attempt "a", worker "w", epoch "at"
+#     d  done: result "r", epoch "at"
+#     f  an attempt failed and will be retried: error "e", "crash" (bool),
+#        "run_at" (epoch when it may run again; null: at once)
+#     x  ended otherwise: state "st" (DEAD, EXPIRED or CANCELLED), error
+#        "e", epoch "at"; when a failed attempt ended it, that attempt's
+#        error "le" and the task's crash count "crash"
+#     q  re-queued at shutdown; the interrupted attempt does not count
+#
+# A reader of version N reads every version <= N; a new record kind or a
+# changed field means a new version, and the old reader code stays.
+
+JOURNAL_VERSION = 1
+
+
+def encode_record(obj):
+    """Frame one record: CRC, space, JSON payload, newline."""
+    payload = _dumps_str(obj).encode("ascii")
+    return b"%08x %s\n" % (zlib.crc32(payload), payload)
+
+
+def decode_record(line):
+    """Return the record in ``line`` (no newline), or None if damaged."""
+    if len(line) < 11 or line[8:9] != b" ":
+        return None
+    try:
+        crc = int(line[:8], 16)
+    except ValueError:
+        return None
+    payload = line[9:]
+    if zlib.crc32(payload) != crc:
+        return None
+    try:
+        obj = json.loads(payload)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) and isinstance(obj.get("k"), str) \
+        else None
+
+
+def _any_valid_after(data, pos):
+    for line in data[pos:].split(b"\n")[1:]:
+        if decode_record(line) is not None:
+            return True
+    return False
+
+
+def scan_journal(data):
+    """Split journal bytes into records.
+
+    Returns (records, end, torn): ``end`` is the offset just past the last
+    good record and ``torn`` describes a damaged tail (None if clean).
+    A damaged record followed by good ones is corruption, not a torn
+    write: raises JournalCorrupt naming its byte offset.
+    """
+    records = []
+    pos, size = 0, len(data)
+    while pos < size:
+        newline = data.find(b"\n", pos)
+        record = None if newline < 0 else decode_record(data[pos:newline])
+        if record is None:
+            if _any_valid_after(data, pos):
+                raise JournalCorrupt(pos, f"corrupt record at byte {pos}, "
+                                     "followed by valid records")
+            what = "incomplete" if newline < 0 else "damaged"
+            return records, pos, (f"{what} record at byte {pos} "
+                                  f"({size - pos} bytes)")
+        records.append(record)
+        pos = newline + 1
+    return records, pos, None
+
+
+def check_header(records):
+    """Check the header record; return the records after it."""
+    if not records:
+        return []
+    head = records[0]
+    if head.get("k") != "h" or not isinstance(head.get("v"), int):
+        raise JournalError("not an lbd journal (no header record)")
+    if head["v"] > JOURNAL_VERSION:
+        raise JournalError(f"journal version {head['v']} is newer than "
+                           f"this lbd reads ({JOURNAL_VERSION})")
+    return records[1:]
+
+
+def _submitted(fields):
+    state = dict(fields)
+    delayed = fields["run_at"] is not None and \
+        fields["run_at"] > fields["submitted_at"]
+    state.update(state="DELAYED" if delayed else "QUEUED", attempts=0,
+                 crashes=0, started_at=None, finished_at=None, result=None,
+                 error=None, errors=[], worker=None)
+    return state
+
+
+def _apply(states, rec):
+    kind = rec["k"]
+    if kind == "s":
+        states[rec["t"]["seq"]] = _submitted(rec["t"])
+        return
+    if kind == "t":
+        states[rec["t"]["seq"]] = dict(rec["t"])
+        return
+    state = states.get(rec.get("id"))
+    if state is None:
+        return          # a task dropped by an earlier compaction
+    if kind == "r":
+        state.update(state="RUNNING", attempts=rec["a"], worker=rec["w"],
+                     started_at=rec["at"])
+    elif kind == "d":
+        state.update(state="DONE", result=rec["r"], finished_at=rec["at"],
+                     error=None)
+    elif kind == "f":
+        state["errors"].append(rec["e"])
+        state["crashes"] += 1 if rec["crash"] else 0
+        state.update(error=rec["e"], run_at=rec["run_at"] or state["run_at"],
+                     state="DELAYED" if rec["run_at"] else "QUEUED")
+    elif kind == "x":
+        if "le" in rec:     # the failed attempt that ended the task
+            state["errors"].append(rec["le"])
+            state["crashes"] = rec["crash"]
+        state.update(state=rec["st"], error=rec["e"], finished_at=rec["at"])
+    elif kind == "q":
+        state.update(state="QUEUED", attempts=state["attempts"] - 1)
+    else:
+        raise JournalError(f"unknown journal record kind {kind!r}")
+
+
+def replay(records):
+    """Rebuild every task's state from journal records (header excluded).
+
+    Returns {seq: state dict}, in submission order. Tasks that were
+    RUNNING when the journal ends are left RUNNING: ``recover_state``
+    decides what becomes of them.
+    """
+    states = {}
+    for rec in records:
+        try:
+            _apply(states, rec)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise JournalError(f"malformed {rec.get('k')!r} record: "
+                               f"{exc!r}") from None
+    return dict(sorted(states.items()))
+
+
+def survey_journal(data):
+    """Read every line of a journal, good or bad, without raising.
+
+    Returns (records, bad): the valid records in order, and the
+    (offset, length) of every damaged or incomplete line.
+    """
+    records, bad, pos = [], [], 0
+    while pos < len(data):
+        newline = data.find(b"\n", pos)
+        end = len(data) if newline < 0 else newline
+        record = None if newline < 0 else decode_record(data[pos:end])
+        if record is None:
+            bad.append((pos, end + 1 - pos))
+        else:
+            records.append(record)
+        pos = end + 1
+    return records, bad
+
+
+def interrupted_error(state):
+    """The error an attempt gets when the daemon died while it ran."""
+    return {"reason": "interrupted", "type": None, "traceback": None,
+            "message": f"the daemon stopped while attempt "
+                       f"{state['attempts']} ran", "worker": state["worker"]}
+
+###############################################################################
 # Configuration ###############################################################
 ###############################################################################
 
@@ -534,7 +764,17 @@ CONFIG_SCHEMA = {
         "max_queued": (1_000_000, int, "queued plus delayed tasks at most"),
     },
     "journal": {
-        "path": ("", str, "journal file; empty keeps tasks in memory only"),
+        "path": ("", str, "journal file; empty picks "
+                 "$STATE_DIRECTORY/lbd.journal, else "
+                 "$XDG_STATE_HOME/lbd/lbd.journal, else "
+                 "~/.local/state/lbd/lbd.journal; \"none\" keeps tasks in "
+                 "memory only"),
+        "fsync": ("submits", str, "what is fsynced before a response: "
+                  "submits, always, interval or never"),
+        "fsync_interval": (0.02, float, "seconds within which other "
+                           "records reach the disk"),
+        "compact_bytes": (64 << 20, int, "journal size that triggers "
+                          "compaction once most of it is history"),
     },
     "workers": {
         "min": (2, int, "workers kept running at least"),
@@ -574,6 +814,8 @@ _CONFIG_MINIMUM = {
     ("server", "max_clients"): (1, False),
     ("server", "max_queued"): (1, False),
     ("server", "socket_mode"): (0, False),
+    ("journal", "fsync_interval"): (0, True),
+    ("journal", "compact_bytes"): (4096, False),
     ("workers", "min"): (1, False),
     ("workers", "max"): (0, False),
     ("workers", "kill_grace"): (0, True),
@@ -591,6 +833,9 @@ _CONFIG_MINIMUM = {
     ("tasks", "dedupe_window"): (0, False),
     ("tasks", "result_ttl"): (0, False),
 }
+
+
+FSYNC_MODES = ("submits", "always", "interval", "never")
 
 
 class Section:
@@ -660,6 +905,9 @@ def _check_bounds(cfg, source):
     if workers.heartbeat_timeout <= workers.heartbeat_interval:
         raise ConfigError(f"{source}: workers.heartbeat_timeout must exceed "
                           "workers.heartbeat_interval")
+    if cfg["journal"].fsync not in FSYNC_MODES:
+        raise ConfigError(f"{source}: journal.fsync must be one of "
+                          f"{', '.join(FSYNC_MODES)}")
     for module in workers.handlers:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", module):
             raise ConfigError(f"{source}: workers.handlers: '{module}' is "
@@ -686,6 +934,16 @@ def load_config(path=None, overrides=None):
     for (name, key), value in (overrides or {}).items():
         data.setdefault(name, {})[key] = value
     return build_config(data, source)
+
+
+def default_journal_path():
+    """Return where the journal lives when no path is configured."""
+    folder = os.environ.get("STATE_DIRECTORY")
+    if folder:
+        return os.path.join(folder.split(":")[0], "lbd.journal")
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "lbd", "lbd.journal")
 
 
 def default_socket_path():
@@ -841,6 +1099,258 @@ def _reset_child_signals(handled):
 
 
 ###############################################################################
+# Journal file ################################################################
+###############################################################################
+
+# Syscall seams: replaced by tests to simulate a full disk or EIO.
+_write = os.write
+_fsync = os.fsync
+
+
+def _lock_holder(fd):
+    """Return the pid holding a flock on ``fd``'s file, or None."""
+    inode = os.fstat(fd).st_ino
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 5 and parts[1] == "FLOCK" and \
+                        parts[5].rsplit(":", 1)[-1] == str(inode):
+                    return int(parts[4])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def lock_journal(path):
+    """Open and exclusively lock the journal; return the descriptor.
+
+    Raises JournalError naming the pid that holds the lock, at once.
+    """
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        who = f"pid {holder}" if holder else "another process"
+        raise JournalError(f"journal {path} is locked by {who}: another "
+                           "lbd daemon is using it") from None
+    return fd
+
+
+def _read_all(fd):
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def fsync_dir(path):
+    """Make a rename in ``path``'s directory durable."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Journal:
+    """The append-only journal: buffered records, one write per flush.
+
+    ``append`` buffers; ``flush`` writes the whole buffer and fsyncs as the
+    mode asks (group commit: one write and at most one fsync per loop
+    iteration). A failed write or fsync keeps the buffer and sets
+    ``failed`` until a later flush succeeds.
+    """
+
+    def __init__(self, path, mode="submits", interval=0.02):
+        self.path = path
+        self.mode = mode
+        self.interval = interval
+        self.fd = -1
+        self.buf = bytearray()
+        self.sync_wanted = False     # a record whose ack needs an fsync
+        self.unsynced = False        # written, not yet fsynced
+        self.failed = None           # the last write/fsync error, or None
+        self.size = 0                # bytes in the file
+        self.base_size = 0           # size right after the last compaction
+        self.since_fork = None       # bytes written while a compaction runs
+
+    def open(self):
+        """Lock, read and repair the file; return its records (no header).
+
+        A torn last record is truncated away with a warning; corruption
+        elsewhere raises JournalCorrupt.
+        """
+        self.fd = lock_journal(self.path)
+        for stale in glob.glob(glob.escape(self.path) + ".compact-*"):
+            os.unlink(stale)
+        data = _read_all(self.fd)
+        try:
+            records, end, torn = scan_journal(data)
+        except JournalCorrupt as exc:
+            raise JournalCorrupt(exc.offset, f"journal {self.path}: {exc}; "
+                                 f"run 'lbd journal check {self.path}'"
+                                 ) from None
+        if torn:
+            log.warning("journal %s: %s; truncating it (a torn write from a "
+                        "crash)", self.path, torn)
+            os.ftruncate(self.fd, end)
+            os.fsync(self.fd)
+        self.size = self.base_size = end
+        body = check_header(records)
+        if not records:
+            self.append({"k": "h", "v": JOURNAL_VERSION})
+            self.sync_wanted = True
+        return body
+
+    def append(self, record, sync=False):
+        """Buffer one record; ``sync``: its ack waits for an fsync."""
+        self.buf += encode_record(record)
+        if sync:
+            self.sync_wanted = True
+
+    def flush(self):
+        """Write the buffer; fsync if the mode says so now.
+
+        Returns True when every buffered record is as durable as the
+        responses waiting on it need.
+        """
+        try:
+            while self.buf:
+                written = _write(self.fd, self.buf)
+                if self.since_fork is not None:
+                    self.since_fork += self.buf[:written]
+                del self.buf[:written]
+                self.size += written
+                self.unsynced = True
+            if self.unsynced and (self.mode == "always" or self.sync_wanted
+                                  and self.mode == "submits"):
+                self.sync()
+        except OSError as exc:
+            self._fail(exc)
+            return False
+        self.sync_wanted = False
+        if self.failed:
+            log.warning("journal %s: writing again", self.path)
+            self.failed = None
+        return True
+
+    def sync(self):
+        """fsync the file now if anything is unsynced."""
+        if self.unsynced:
+            _fsync(self.fd)
+            self.unsynced = False
+
+    def timed_sync(self):
+        """The fsync_interval timer: fsync what waited; return success."""
+        try:
+            self.sync()
+            return True
+        except OSError as exc:
+            self._fail(exc)
+            return False
+
+    def _fail(self, exc):
+        message = f"{exc.strerror or exc}"
+        if self.failed != message:
+            log.error("journal %s: write failed: %s; refusing submits "
+                      "until it works again", self.path, message)
+        self.failed = message
+
+    def needs_timed_sync(self):
+        return self.unsynced and self.mode in ("submits", "interval")
+
+    def close(self):
+        if self.fd >= 0:
+            try:
+                self.flush()
+                self.sync()
+            except OSError as exc:
+                log.error("journal %s: final sync failed: %s", self.path,
+                          exc)
+            os.close(self.fd)
+            self.fd = -1
+
+    def close_in_child(self):
+        """Drop the descriptor in a forked child, writing nothing."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.buf = bytearray()
+
+    # -- compaction ----------------------------------------------------------
+
+    def wants_compaction(self, threshold):
+        return self.since_fork is None and not self.failed and \
+            self.size >= max(threshold, 2 * self.base_size)
+
+    def snapshot_path(self, pid):
+        return f"{self.path}.compact-{pid}"
+
+    def write_snapshot(self, pid, tasks):
+        """In the compaction child: write a snapshot of ``tasks``, fsync."""
+        path = self.snapshot_path(pid)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            out = bytearray(encode_record({"k": "h", "v": JOURNAL_VERSION}))
+            for task in tasks:
+                out += encode_record({"k": "t", "t": task.state_dict()})
+                if len(out) > 1 << 20:
+                    _write_all(fd, out)
+                    out.clear()
+            _write_all(fd, out)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def install_snapshot(self, pid):
+        """In the master: append what came since the fork, swap files in.
+
+        Crash-safe at every step: until the rename the old file is whole;
+        after it the new one is.
+        """
+        path = self.snapshot_path(pid)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _write_all(fd, self.since_fork)
+            os.fsync(fd)
+            os.replace(path, self.path)
+            fsync_dir(self.path)
+        except OSError:
+            os.close(fd)
+            raise
+        finally:
+            self.since_fork = None
+        old, self.fd = self.fd, fd
+        os.close(old)
+        self.size = self.base_size = os.fstat(fd).st_size
+        self.unsynced = False
+
+    def abandon_snapshot(self, pid):
+        self.since_fork = None
+        try:
+            os.unlink(self.snapshot_path(pid))
+        except FileNotFoundError:
+            pass
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+###############################################################################
 # Master ######################################################################
 ###############################################################################
 
@@ -966,6 +1476,12 @@ class Master:
         self.listener = None
         self.wake_r = self.wake_w = None
         self.purge_timer = None
+        self.journal = _make_journal(cfg["journal"])
+        self.held = set()                # conns waiting on a failed journal
+        self.sync_timer = None
+        self.retry_timer = None
+        self.compactor = None            # pid of the compaction child
+        self.compact_after = 0.0
         self._next_seq = time.time_ns() // 1000
         self._next_wid = 1
         self._ops = {
@@ -992,23 +1508,34 @@ class Master:
     # -- the loop ------------------------------------------------------------
 
     def serve(self):
-        """Run until shut down; return the process exit status."""
+        """Run until shut down; return the process exit status.
+
+        Raises LbdError when start-up is impossible (socket or journal).
+        """
         self._install_signals()
-        self._listen()
-        self._maintain_pool()
-        log.info("lbd %s serving on %s (workers %d..%d, handlers: %s)",
-                 __version__, self.socket_path, self.min_workers,
-                 self.max_workers,
-                 ", ".join(self.cfg["workers"].handlers) or "built-in only")
         try:
+            self._recover()
+            self._listen()
+            self._maintain_pool()
+            log.info("lbd %s serving on %s (journal %s, workers %d..%d, "
+                     "handlers: %s)", __version__, self.socket_path,
+                     self.journal.path if self.journal else "off",
+                     self.min_workers, self.max_workers,
+                     ", ".join(self.cfg["workers"].handlers)
+                     or "built-in only")
             while not self.done:
                 self._step()
+        except LbdError:
+            self._emergency_stop()
+            raise
         except Exception:
             log.exception("internal error; stopping the daemon")
             self._emergency_stop()
             return 1
         finally:
             self._close_listener()
+            if self.journal is not None:
+                self.journal.close()
         log.info("lbd stopped")
         return 0
 
@@ -1049,11 +1576,160 @@ class Master:
         return self.timers.push(when, (fn, arg))
 
     def _before_sleep(self):
+        """Group commit: write (and fsync) the journal, then answer."""
+        journal = self.journal
+        if journal is not None and (journal.buf or journal.failed):
+            if not self._flush_journal():
+                self.held |= self.dirty
+                self.dirty = set()
         dirty, self.dirty = self.dirty, set()
         for conn in dirty:
-            self._flush_conn(conn)
+            if conn not in self.held:
+                self._flush_conn(conn)
+        if journal is not None and self.compactor is None and \
+                self.clock() >= self.compact_after and \
+                journal.wants_compaction(self.cfg["journal"].compact_bytes):
+            self._start_compaction()
         if self.stopping and not self.workers and not self.done:
             self._finish_shutdown()
+
+    # -- the journal ---------------------------------------------------------
+
+    def _record(self, record, sync=False):
+        if self.journal is not None:
+            self.journal.append(record, sync)
+
+    def _flush_journal(self):
+        """Write the journal; on failure arm a retry. Return success."""
+        journal = self.journal
+        ok = journal.flush()
+        if not ok:
+            if self.retry_timer is None:
+                self.retry_timer = self.call_at(self.clock() + 1.0,
+                                                self._journal_retry)
+            return False
+        if self.held:
+            held, self.held = self.held, set()
+            self.dirty |= held
+        if journal.needs_timed_sync() and self.sync_timer is None:
+            self.sync_timer = self.call_at(self.clock() + journal.interval,
+                                           self._timed_sync)
+        return True
+
+    def _journal_retry(self, _arg=None):
+        self.retry_timer = None
+        if self.journal.failed:
+            self._flush_journal()
+
+    def _timed_sync(self, _arg=None):
+        self.sync_timer = None
+        if not self.journal.timed_sync() and self.retry_timer is None:
+            self.retry_timer = self.call_at(self.clock() + 1.0,
+                                            self._journal_retry)
+
+    def _check_journal(self):
+        if self.journal is not None and self.journal.failed:
+            raise RequestError(JOURNAL_ERROR, "the journal cannot be written "
+                               f"({self.journal.failed}); refusing until it "
+                               "can")
+
+    def _recover(self):
+        """Replay the journal into the queues, before anyone connects."""
+        if self.journal is None:
+            return
+        started = time.monotonic()
+        states = replay(self.journal.open())
+        now, wall = self.clock(), self.wall()
+        ttl, finished = self.cfg["tasks"].result_ttl, []
+        for seq, state in states.items():
+            self._next_seq = max(self._next_seq, seq + 1)
+            task = Task.from_state(state)
+            if task.state in TERMINAL:
+                if task.finished_at + ttl > wall:
+                    finished.append(task)
+                continue
+            self.tasks[task.id] = task
+            if task.key is not None:
+                self.keys[task.key] = task.id
+            self._schedule_recovered(task, now, wall)
+        for task in sorted(finished, key=lambda t: t.finished_at):
+            self._retain_recovered(task, now, wall)
+        log.info("journal %s replayed: %d task(s), %d live, %d finished "
+                 "kept, in %.3f s", self.journal.path, len(states),
+                 len(self.tasks) - len(finished), len(finished),
+                 time.monotonic() - started)
+
+    def _schedule_recovered(self, task, now, wall):
+        if task.deadline_at is not None:
+            task.expires = now + (task.deadline_at - wall)
+        if task.state is TaskState.RUNNING:
+            # The attempt ran when the daemon died: it counts, and the task
+            # goes back in line at once (at-least-once).
+            self.running_count += 1
+            self._attempt_failed(task, interrupted_error(
+                task.state_dict()), backoff=False)
+            return
+        if task.expires is not None:
+            task.deadline_entry = self.deadlines.push(task.expires, task)
+        if task.state is TaskState.DELAYED:
+            task.delay_entry = self.delayed.push(now + (task.run_at - wall),
+                                                 task)
+        else:
+            task.entry = self.ready.push_task(task)
+
+    def _retain_recovered(self, task, now, wall):
+        task.finished_mono = now - (wall - task.finished_at)
+        self.tasks[task.id] = task
+        if task.key is not None and now - task.finished_mono < \
+                self.cfg["tasks"].dedupe_window:
+            self.keys[task.key] = task.id
+        self._retain(task)
+
+    def _start_compaction(self):
+        """Fork a child that writes a snapshot of the live state."""
+        journal = self.journal
+        journal.since_fork = bytearray()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            status = 1
+            try:
+                self._close_in_child()
+                journal.write_snapshot(os.getpid(), self.tasks.values())
+                status = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(status)
+        self.compactor = pid
+        log.info("journal %s is %d bytes: compacting in child pid %d",
+                 journal.path, journal.size, pid)
+
+    def _compaction_done(self, status):
+        pid, self.compactor = self.compactor, None
+        journal = self.journal
+        if os.waitstatus_to_exitcode(status) == 0:
+            try:
+                journal.install_snapshot(pid)
+                log.info("journal %s compacted to %d bytes", journal.path,
+                         journal.size)
+                return
+            except OSError as exc:
+                log.error("journal compaction failed: %s", exc)
+        else:
+            log.error("journal compaction child %d failed (status %d)", pid,
+                      status)
+        journal.abandon_snapshot(pid)
+        self.compact_after = self.clock() + 30.0
+
+    def _stop_compactor(self):
+        if self.compactor is not None:
+            _signal_pid(self.compactor, signal.SIGKILL)
+            try:
+                os.waitpid(self.compactor, 0)
+            except ChildProcessError:
+                pass
+            self.journal.abandon_snapshot(self.compactor)
+            self.compactor = None
 
     # -- signals -------------------------------------------------------------
 
@@ -1324,10 +2000,14 @@ class Master:
             self._task_to(task, TaskState.QUEUED)
             task.entry = self.ready.push_task(task)
         self.counters["submitted"] += 1
+        self._record({"k": "s", "t": task.submit_record()}, sync=True)
         return task
 
-    def _finish(self, task, state, result=None, error=None):
-        """Move ``task`` to a terminal state and answer its waiters."""
+    def _finish(self, task, state, result=None, error=None, attempt=None):
+        """Move ``task`` to a terminal state and answer its waiters.
+
+        ``attempt``: the error of the failed attempt that ended it, if any.
+        """
         self._task_to(task, state)
         task.finished_at = self.wall()
         task.finished_mono = self.clock()
@@ -1339,9 +2019,23 @@ class Master:
         task.entry = task.delay_entry = task.deadline_entry = None
         self.counters[{"DONE": "done", "DEAD": "dead", "EXPIRED": "expired",
                        "CANCELLED": "cancelled"}[state]] += 1
+        if state is TaskState.DONE:
+            self._record({"k": "d", "id": task.seq, "r": result,
+                          "at": task.finished_at})
+        else:
+            record = {"k": "x", "id": task.seq, "st": state, "e": error,
+                      "at": task.finished_at}
+            if attempt is not None:
+                record["le"] = attempt
+                record["crash"] = task.crashes
+            self._record(record, sync=state is TaskState.CANCELLED)
         for conn, slot in self.waiters.pop(task.id, ()):
             conn.waits = [w for w in conn.waits if w[1] is not slot]
             self._answer_parked(conn, slot, {"ok": True, "task": task.view()})
+        self._retain(task)
+
+    def _retain(self, task):
+        """Keep a finished task for result_ttl, then let _purge drop it."""
         self.retention.append((task.finished_mono +
                                self.cfg["tasks"].result_ttl, task.id))
         if self.purge_timer is None:
@@ -1374,7 +2068,7 @@ class Master:
         if task.expires is not None:
             task.deadline_entry = self.deadlines.push(task.expires, task)
 
-    def _attempt_failed(self, task, error, crash=False):
+    def _attempt_failed(self, task, error, crash=False, backoff=True):
         """Retry ``task`` after a failed attempt, or end it."""
         task.errors.append(error)
         task.error = error
@@ -1397,14 +2091,18 @@ class Master:
                 f"deadline passed after attempt {task.attempts} failed: "
                 f"{error['message']}")))
         if final:
-            self._finish(task, final[0], error=final[1])
+            self._finish(task, final[0], error=final[1], attempt=error)
             return
         self.counters["retried"] += 1
         wait = backoff_delay(task.attempts, tcfg.retry_backoff,
-                             tcfg.retry_backoff_max)
+                             tcfg.retry_backoff_max) if backoff else 0.0
         if wait <= 0:
+            self._record({"k": "f", "id": task.seq, "e": error,
+                          "crash": crash, "run_at": None})
             self._requeue(task)
             return
+        self._record({"k": "f", "id": task.seq, "e": error, "crash": crash,
+                      "run_at": self.wall() + wait})
         self._task_to(task, TaskState.DELAYED)
         task.run_at = self.wall() + wait
         task.delay_entry = self.delayed.push(self.clock() + wait, task)
@@ -1434,6 +2132,8 @@ class Master:
         task.worker = worker.id
         worker.task = task
         worker.attempt_deadline = self.clock() + task.timeout
+        self._record({"k": "r", "id": task.seq, "a": task.attempts,
+                      "w": worker.id, "at": task.started_at})
         self._send(worker, {"t": "run", "id": task.id, "a": task.attempts,
                             "h": task.handler, "args": task.args,
                             "kw": task.kwargs, "p": task.priority,
@@ -1505,6 +2205,8 @@ class Master:
                 worker.sock.close()
         for conn in self.conns.values():
             conn.sock.close()
+        if self.journal is not None:
+            self.journal.close_in_child()
         self.selector.close()
         logging.getLogger().handlers.clear()
         logging.basicConfig(level=log.getEffectiveLevel(), format=
@@ -1728,6 +2430,9 @@ class Master:
                 return
             if pid == 0:
                 return
+            if pid == self.compactor:
+                self._compaction_done(status)
+                continue
             worker = self.by_pid.pop(pid, None)
             if worker is not None:
                 self._worker_exited(worker, _exit_info(status, rusage))
@@ -1761,6 +2466,7 @@ class Master:
         """Decide the fate of a task whose worker is now confirmed dead."""
         if reason == "shutdown":
             task.attempts -= 1       # not the task's fault: not an attempt
+            self._record({"k": "q", "id": task.seq})
             self._requeue(task)
             return
         reason = reason or "crash"
@@ -1842,6 +2548,9 @@ class Master:
                 self._answer_parked(conn, slot, {
                     "ok": False, "error": SHUTTING_DOWN,
                     "message": "the daemon shut down before the task ended"})
+        self._stop_compactor()
+        if self.journal is not None and self._flush_journal():
+            self.journal.sync()
         for conn in list(self.dirty):
             self._flush_conn(conn)
         self.done = True
@@ -1849,6 +2558,7 @@ class Master:
     def _emergency_stop(self):
         for worker in self.workers.values():
             _signal_pid(worker.pid, signal.SIGKILL)
+        self._stop_compactor()
 
     # == Commands =============================================================
     # One method per op: (conn, request, slot) -> response, or None when the
@@ -1860,6 +2570,7 @@ class Master:
     def op_submit(self, conn, request, slot):
         if self.stopping:
             raise RequestError(SHUTTING_DOWN, "the daemon is shutting down")
+        self._check_journal()
         tcfg = self.cfg["tasks"]
         spec = validate_task(request.get("task"), {
             "timeout": tcfg.timeout, "max_attempts": tcfg.max_attempts})
@@ -1929,6 +2640,7 @@ class Master:
         if task.state in TERMINAL:
             raise RequestError(NOT_CANCELLABLE,
                                f"task {task.id} is already {task.state}")
+        self._check_journal()
         worker = self.workers.get(task.worker)
         running = task.state is TaskState.RUNNING
         self._finish(task, TaskState.CANCELLED, error={
@@ -1955,6 +2667,10 @@ class Master:
                 "retry_in": round(max(0.0, self.spawn_after - self.clock()),
                                   3)},
             "counters": dict(self.counters),
+            "journal": None if self.journal is None else {
+                "path": self.journal.path, "fsync": self.journal.mode,
+                "bytes": self.journal.size, "error": self.journal.failed,
+                "compacting": self.compactor is not None},
         }
 
     def op_metrics(self, conn, request, slot):
@@ -1992,6 +2708,13 @@ class Master:
     def op_shutdown(self, conn, request, slot):
         self.begin_shutdown()
         return {"ok": True}
+
+
+def _make_journal(jcfg):
+    if jcfg.path == "none":
+        return None
+    return Journal(jcfg.path or default_journal_path(), jcfg.fsync,
+                   jcfg.fsync_interval)
 
 
 def _ignore_signal(_signum, _frame):
@@ -2370,6 +3093,63 @@ def cmd_shutdown(args, client):
     return 0
 
 
+def cmd_journal(args):
+    try:
+        with open(args.file, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise JournalError(f"cannot read {args.file}: {exc.strerror}"
+                           ) from None
+    records, bad = survey_journal(data)
+    if args.action == "check":
+        return _journal_check(args.file, data, records, bad)
+    return _journal_repair(args.file, data, records, bad)
+
+
+def _journal_summary(records):
+    states = replay(check_header(records))
+    by_state = collections.Counter(s["state"] for s in states.values())
+    return f"{len(records)} record(s), {len(states)} task(s)" + "".join(
+        f", {n} {state}" for state, n in sorted(by_state.items()))
+
+
+def _journal_check(path, data, records, bad):
+    print(f"{path}: {len(data)} bytes, {_journal_summary(records)}")
+    for offset, length in bad:
+        last = offset + length >= len(data)
+        kind = "torn tail (truncated at the next start)" if last \
+            else "corrupt record"
+        print(f"  {kind} at byte {offset} ({length} bytes)")
+    print("clean" if not bad else f"{len(bad)} damaged record(s): "
+          f"'lbd journal repair {path}' keeps every valid record")
+    return 0 if not bad else EXIT_FAILED
+
+
+def _journal_repair(path, data, records, bad):
+    if not bad:
+        print(f"{path}: clean; nothing to repair")
+        return 0
+    fd = lock_journal(path)     # refuses while a daemon holds it
+    try:
+        backup = f"{path}.bak-{time.strftime('%Y%m%d-%H%M%S')}"
+        with open(backup, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        temp = f"{path}.repair-{os.getpid()}"
+        with open(temp, "wb") as f:
+            f.write(b"".join(encode_record(r) for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+        fsync_dir(path)
+    finally:
+        os.close(fd)
+    print(f"{path}: dropped {len(bad)} damaged record(s), kept "
+          f"{len(records)}; the original is in {backup}")
+    return 0
+
+
 def _positive_int(text):
     value = int(text)
     if value < 1:
@@ -2451,6 +3231,12 @@ def build_parser():
     p.add_argument("--min", type=_positive_int)
     p.add_argument("--max", type=_positive_int)
     client_cmd("shutdown", cmd_shutdown, "stop the daemon gracefully")
+
+    journal = sub.add_parser("journal", help="check or repair a journal "
+                             "file offline")
+    journal.add_argument("action", choices=["check", "repair"])
+    journal.add_argument("file")
+    journal.set_defaults(func=cmd_journal, client=False)
     return parser
 
 
@@ -2461,7 +3247,8 @@ def main(argv=None):
     try:
         if not args.client:
             logging.basicConfig(
-                level=args.log_level, stream=sys.stderr,
+                level=getattr(args, "log_level", "WARNING"),
+                stream=sys.stderr,
                 format="%(asctime)s lbd[%(process)d] %(levelname)s "
                        "%(message)s")
             return args.func(args)

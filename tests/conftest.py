@@ -90,6 +90,7 @@ class Daemon:
         self.sockdir = tempfile.mkdtemp(prefix="lbdt-", dir="/tmp")
         self.socket = os.path.join(self.sockdir, "s")
         self.log_path = self.workdir / "daemon.log"
+        self.journal = str(self.workdir / "lbd.journal")
         self.config = config or {}
         self.args = list(args)
         self.env = env or {}
@@ -100,7 +101,7 @@ class Daemon:
 
     def start(self, timeout=20.0):
         cmd = [sys.executable, LBD, "serve", "--socket", self.socket,
-               "--log-level", "DEBUG"]
+               "--journal", self.journal, "--log-level", "DEBUG"]
         if self.config:
             cmd += ["-c", write_config(self.workdir / "lbd.toml",
                                        self.config)]
