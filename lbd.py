@@ -488,8 +488,9 @@ def _number(spec, name, lo, hi, *, integer=False, low_open=False):
     if isinstance(value, bool) or not isinstance(value, kinds):
         kind = "an integer" if integer else "a number"
         raise _bad(f"task field '{name}' must be {kind}")
-    if not math.isfinite(value) or value > hi or value < lo or (
-            low_open and value == lo):
+    # Compare before any float conversion: an int may be too big for one.
+    if isinstance(value, float) and not math.isfinite(value) or \
+            value > hi or value < lo or (low_open and value == lo):
         low = f"> {lo}" if low_open else f">= {lo}"
         raise _bad(f"task field '{name}' must be {low} and <= {hi}")
     return value
@@ -851,7 +852,10 @@ class Section:
 def _check_value(where, value, kind):
     if kind is float and isinstance(value, int) and not isinstance(
             value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{where} is too large") from None
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
         raise ConfigError(f"{where} must be of type {kind.__name__}, "
                           f"not {type(value).__name__}")
@@ -931,6 +935,11 @@ def load_config(path=None, overrides=None):
             raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not valid UTF-8") from None
+        except (ValueError, RecursionError) as exc:
+            raise ConfigError(f"{path}: cannot parse: "
+                              f"{exc or 'nested too deep'}") from None
     for (name, key), value in (overrides or {}).items():
         data.setdefault(name, {})[key] = value
     return build_config(data, source)
@@ -1361,7 +1370,7 @@ class Worker:
     __slots__ = (
         "id", "pid", "sock", "state", "task", "tasks_done", "inbuf",
         "outbuf", "started_mono", "ready", "last_beat", "attempt_deadline",
-        "kill_reason", "kill_at", "check_entry", "exit",
+        "kill_reason", "kill_at", "check_entry", "exit", "writing",
     )
 
     def __init__(self, wid, pid, sock, now):
@@ -1380,6 +1389,7 @@ class Worker:
         self.kill_at = None
         self.check_entry = None
         self.exit = None
+        self.writing = False    # registered for EVENT_WRITE too
 
     def view(self):
         return {"id": self.id, "pid": self.pid, "state": self.state,
@@ -1459,6 +1469,7 @@ class Master:
         self.conns = {}
         self.waiters = {}                # task id -> [(conn, slot)]
         self.dirty = set()               # conns with responses to flush
+        self.worker_dirty = set()        # workers with messages to send
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.running_count = 0
         self.target = cfg["workers"].min
@@ -1582,6 +1593,12 @@ class Master:
             if not self._flush_journal():
                 self.held |= self.dirty
                 self.dirty = set()
+        if not self.held:
+            # Dispatches go out only once their records are written, so a
+            # kill -9 costs at most one duplicate per busy worker.
+            workers, self.worker_dirty = self.worker_dirty, set()
+            for worker in workers:
+                self._flush_worker(worker)
         dirty, self.dirty = self.dirty, set()
         for conn in dirty:
             if conn not in self.held:
@@ -2216,12 +2233,15 @@ class Master:
     # -- workers: messages ---------------------------------------------------
 
     def _send(self, worker, msg):
+        """Queue a message; _before_sleep sends it after the journal."""
         if worker.sock is None or worker.exit is not None:
             return
         worker.outbuf += dumps(msg)
-        self._flush_worker(worker)
+        self.worker_dirty.add(worker)
 
     def _flush_worker(self, worker):
+        if worker.sock is None or not worker.outbuf:
+            return
         try:
             sent = worker.sock.send(worker.outbuf)
             worker.outbuf = worker.outbuf[sent:]
@@ -2230,10 +2250,13 @@ class Master:
         except OSError:
             self._worker_eof(worker)
             return
-        events = selectors.EVENT_READ
-        if worker.outbuf:
-            events |= selectors.EVENT_WRITE
-        self.selector.modify(worker.sock, events, (self._on_worker, worker))
+        writing = bool(worker.outbuf)
+        if writing != worker.writing:
+            events = selectors.EVENT_READ | (
+                selectors.EVENT_WRITE if writing else 0)
+            self.selector.modify(worker.sock, events,
+                                 (self._on_worker, worker))
+            worker.writing = writing
 
     def _on_worker(self, worker, mask):
         if mask & selectors.EVENT_WRITE:
