@@ -257,6 +257,9 @@ class LazyHeap:
             return
         entry[2] = None
         self._dead += 1
+        self._maybe_compact()
+
+    def _maybe_compact(self):
         if self._dead > COMPACT_MIN and self._dead * 2 > len(self._heap):
             self._heap = [e for e in self._heap if e[2] is not None]
             heapq.heapify(self._heap)
@@ -280,6 +283,7 @@ class LazyHeap:
             return None
         entry = heapq.heappop(self._heap)
         item, entry[2] = entry[2], None
+        self._maybe_compact()
         return item
 
     def pop_due(self, limit):
@@ -1187,6 +1191,8 @@ class Journal:
         self.fd = -1
         self.buf = bytearray()
         self.sync_wanted = False     # a record whose ack needs an fsync
+        self.fresh = False           # appended to since the last flush
+        self.appended = 0            # records appended, ever
         self.unsynced = False        # written, not yet fsynced
         self.failed = None           # the last write/fsync error, or None
         self.size = 0                # bytes in the file
@@ -1224,6 +1230,8 @@ class Journal:
     def append(self, record, sync=False):
         """Buffer one record; ``sync``: its ack waits for an fsync."""
         self.buf += encode_record(record)
+        self.fresh = True
+        self.appended += 1
         if sync:
             self.sync_wanted = True
 
@@ -1233,6 +1241,7 @@ class Journal:
         Returns True when every buffered record is as durable as the
         responses waiting on it need.
         """
+        self.fresh = False
         try:
             while self.buf:
                 written = _write(self.fd, self.buf)
@@ -1371,6 +1380,7 @@ class Worker:
         "id", "pid", "sock", "state", "task", "tasks_done", "inbuf",
         "outbuf", "started_mono", "ready", "last_beat", "attempt_deadline",
         "kill_reason", "kill_at", "check_entry", "exit", "writing",
+        "boot_error",
     )
 
     def __init__(self, wid, pid, sock, now):
@@ -1390,6 +1400,7 @@ class Worker:
         self.check_entry = None
         self.exit = None
         self.writing = False    # registered for EVENT_WRITE too
+        self.boot_error = None  # what the worker said when it could not boot
 
     def view(self):
         return {"id": self.id, "pid": self.pid, "state": self.state,
@@ -1463,6 +1474,7 @@ class Master:
         self.timers = LazyHeap()         # due (monotonic) -> (fn, arg)
         self.keys = {}                   # idempotency key -> task id
         self.retention = collections.deque()  # (drop at, task id)
+        self.keyed_retention = collections.deque()   # the same, with keys
         self.workers = {}                # id -> Worker
         self.by_pid = {}
         self.idle = []                   # IDLE workers, most recent last
@@ -1489,6 +1501,7 @@ class Master:
         self.purge_timer = None
         self.journal = _make_journal(cfg["journal"])
         self.held = set()                # conns waiting on a failed journal
+        self.journal_deps = set()        # conns told of this turn's records
         self.sync_timer = None
         self.retry_timer = None
         self.compactor = None            # pid of the compaction child
@@ -1589,11 +1602,17 @@ class Master:
     def _before_sleep(self):
         """Group commit: write (and fsync) the journal, then answer."""
         journal = self.journal
+        written = True
         if journal is not None and (journal.buf or journal.failed):
-            if not self._flush_journal():
-                self.held |= self.dirty
-                self.dirty = set()
-        if not self.held:
+            fresh = journal.fresh
+            written = self._flush_journal()
+            if not written and fresh:
+                # Responses that tell of records not on disk wait for a
+                # write that works.
+                self.held |= self.journal_deps
+                self.dirty -= self.journal_deps
+        self.journal_deps.clear()
+        if written:
             # Dispatches go out only once their records are written, so a
             # kill -9 costs at most one duplicate per busy worker.
             workers, self.worker_dirty = self.worker_dirty, set()
@@ -1896,7 +1915,10 @@ class Master:
                 raise RequestError(UNKNOWN_OP, f"unknown op {op!r}"[:200])
             method, allowed = entry
             check_fields(request, allowed)
+            before = self.journal.appended if self.journal else 0
             response = method(conn, request, slot)
+            if self.journal and self.journal.appended != before:
+                self.journal_deps.add(conn)
         except RequestError as exc:
             response = {"ok": False, "error": exc.code,
                         "message": exc.message}
@@ -1921,6 +1943,7 @@ class Master:
             response["req"] = slot[1]
         slot[0] = response
         self.dirty.add(conn)
+        self.journal_deps.add(conn)
 
     def _flush_conn(self, conn):
         if conn.sock is None:
@@ -2052,22 +2075,42 @@ class Master:
         self._retain(task)
 
     def _retain(self, task):
-        """Keep a finished task for result_ttl, then let _purge drop it."""
-        self.retention.append((task.finished_mono +
-                               self.cfg["tasks"].result_ttl, task.id))
-        if self.purge_timer is None:
-            self.purge_timer = self.call_at(self.retention[0][0], self._purge)
+        """Keep a finished task for result_ttl, then let _purge drop it.
+
+        A task with a key is kept for max(result_ttl, dedupe_window), so
+        its key dedupes for the whole window. Each deque has one TTL, so
+        each stays in drop order.
+        """
+        tcfg = self.cfg["tasks"]
+        if task.key is None:
+            queue, ttl = self.retention, tcfg.result_ttl
+        else:
+            queue = self.keyed_retention
+            ttl = max(tcfg.result_ttl, tcfg.dedupe_window)
+        queue.append((task.finished_mono + ttl, task.id))
+        self._arm_purge()
+
+    def _arm_purge(self):
+        heads = [q[0][0] for q in (self.retention, self.keyed_retention) if q]
+        if not heads:
+            return
+        timer = self.purge_timer
+        if timer is not None and timer[2] is not None and \
+                timer[0] <= min(heads):
+            return
+        self.timers.remove(timer)
+        self.purge_timer = self.call_at(min(heads), self._purge)
 
     def _purge(self, _arg=None):
-        """Forget finished tasks past result_ttl and stale dedupe keys."""
+        """Forget finished tasks past their retention and their keys."""
         self.purge_timer = None
         now = self.clock()
-        while self.retention and self.retention[0][0] <= now:
-            task = self.tasks.pop(self.retention.popleft()[1], None)
-            if task is not None and self.keys.get(task.key) == task.id:
-                del self.keys[task.key]
-        if self.retention:
-            self.purge_timer = self.call_at(self.retention[0][0], self._purge)
+        for queue in (self.retention, self.keyed_retention):
+            while queue and queue[0][0] <= now:
+                task = self.tasks.pop(queue.popleft()[1], None)
+                if task is not None and self.keys.get(task.key) == task.id:
+                    del self.keys[task.key]
+        self._arm_purge()
 
     def find_duplicate(self, key):
         """Return the task that makes a submit with ``key`` a duplicate."""
@@ -2184,15 +2227,17 @@ class Master:
     def _spawn(self):
         parent_sock, child_sock = socket.socketpair()
         wcfg = self.cfg["workers"]
+        master = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child: never returns
             status = 1
             try:
+                _die_with_parent(master)
                 parent_sock.close()
                 self._close_in_child()
                 _redirect_stdin()
                 status = _worker_main(child_sock, wcfg.handlers,
-                                      wcfg.heartbeat_interval, os.getppid())
+                                      wcfg.heartbeat_interval, master)
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -2289,7 +2334,7 @@ class Master:
         elif kind in ("ok", "err"):
             self._worker_result(worker, msg)
         elif kind == "boot_error":
-            self.boot_error = msg["message"]
+            worker.boot_error = msg["message"]
             log.error("worker %d could not load its handlers: %s",
                       worker.id, msg["message"])
 
@@ -2302,6 +2347,8 @@ class Master:
         self.boot_error = None
         self.spawn_after = 0.0
         self._to_idle(worker)
+        self._arm_check(worker, worker.last_beat +
+                        self.cfg["workers"].heartbeat_timeout)
         log.debug("worker %d ready", worker.id)
 
     def _to_idle(self, worker):
@@ -2509,9 +2556,8 @@ class Master:
         delay = min(BOOT_BACKOFF_MAX,
                     BOOT_BACKOFF_BASE * 2 ** min(self.boot_failures - 1, 20))
         self.spawn_after = self.clock() + delay
-        if self.boot_error is None:
-            self.boot_error = f"worker {worker.id} {_describe_exit(info)} " \
-                              "before it was ready"
+        self.boot_error = worker.boot_error or self.boot_error or (
+            f"worker {worker.id} {_describe_exit(info)} before it was ready")
         log.error("worker boot failed %d time(s) in a row; next try in "
                   "%.1f s: %s", self.boot_failures, delay, self.boot_error)
 
@@ -2749,6 +2795,22 @@ def _signal_pid(pid, signum):
         os.kill(pid, signum)
     except ProcessLookupError:
         pass
+
+
+def _die_with_parent(parent):
+    """Have the kernel SIGKILL this worker when the master dies (Linux).
+
+    The heartbeat thread notices a dead master too, but not while the
+    whole process is stopped or wedged; this covers those.
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)       # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:              # it died before the prctl
+        os._exit(1)
 
 
 def _redirect_stdin():
