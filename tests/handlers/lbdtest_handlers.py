@@ -103,3 +103,34 @@ def pid():
 
 def add(a, b):
     return a + b
+
+
+def pid_then_hang(path, seconds=3600):
+    """Record this worker's pid in ``path``, then sleep."""
+    record(path, os.getpid())
+    time.sleep(seconds)
+    return "woke"
+
+
+def pid_then_freeze(path):
+    """Record this worker's pid in ``path``, then stop the whole worker."""
+    record(path, os.getpid())
+    return freeze()
+
+
+def freeze_until(attempt):
+    """Freeze the worker until the current attempt reaches ``attempt``."""
+    if lbd.current_task().attempt < attempt:
+        freeze()
+    return "thawed"
+
+
+def late_result(path, seconds):
+    """Ignore SIGTERM, work ``seconds``, record "late" and return it.
+
+    Run with a timeout shorter than ``seconds`` and a kill_grace longer:
+    the result reaches the master after the attempt was given up.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(seconds)
+    return record(path, "late")
