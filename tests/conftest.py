@@ -95,12 +95,13 @@ class Daemon:
         self.args = list(args)
         self.env = env or {}
         self.proc = None
+        self.script = LBD   # a test may run lbd through a wrapper script
         self.pids = []   # every master this object started, for teardown
 
     # -- lifecycle -----------------------------------------------------------
 
     def start(self, timeout=20.0):
-        cmd = [sys.executable, LBD, "serve", "--socket", self.socket,
+        cmd = [sys.executable, self.script, "serve", "--socket", self.socket,
                "--journal", self.journal, "--log-level", "DEBUG"]
         if self.config:
             cmd += ["-c", write_config(self.workdir / "lbd.toml",

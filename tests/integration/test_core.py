@@ -232,6 +232,10 @@ def test_worker_ids_are_never_reused(daemon):
 
 
 def test_unknown_handlers_are_refused_at_submit(daemon):
+    # A module outside the allowlist is refused at once; a missing function
+    # in an allowed module once a worker has reported what it loaded.
+    wait_until(lambda: len(daemon.workers("IDLE")) == 2, 20,
+               what="the workers to report their handlers")
     for handler in ("os:system", "subprocess:run", "lbd:main",
                     "lbdtest_handlers:no_such_function"):
         with daemon.client() as c:
