@@ -176,7 +176,22 @@ class Daemon:
                 wait_until(lambda: not group_alive(pgid), 10,
                            what="the daemon's workers to exit")
             shutil.rmtree(self.sockdir, ignore_errors=True)
+            clean_exit = self.proc.returncode == 0
             self.proc = None
+        self._check_and_remove_journal(clean_exit)
+
+    def _check_and_remove_journal(self, clean_exit):
+        """After a graceful exit the journal must scan clean; then go."""
+        if not os.path.exists(self.journal):
+            return
+        with open(self.journal, "rb") as f:
+            _, bad = lbd.survey_journal(f.read())
+        if clean_exit:
+            assert not bad, f"journal damaged after a clean exit: {bad}"
+        for path in [self.journal] + [
+                os.path.join(self.workdir, p) for p in os.listdir(
+                    self.workdir) if ".compact-" in p]:
+            os.unlink(path)
 
     # -- talking to it -------------------------------------------------------
 
