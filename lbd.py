@@ -1725,7 +1725,7 @@ class Master:
         """Fork a child that writes a snapshot of the live state."""
         journal = self.journal
         journal.since_fork = bytearray()
-        pid = os.fork()
+        pid = self._fork()
         if pid == 0:  # the child: never returns
             status = 1
             try:
@@ -2228,7 +2228,7 @@ class Master:
         parent_sock, child_sock = socket.socketpair()
         wcfg = self.cfg["workers"]
         master = os.getpid()
-        pid = os.fork()
+        pid = self._fork()
         if pid == 0:  # the child: never returns
             status = 1
             try:
@@ -2256,9 +2256,26 @@ class Master:
         log.debug("worker %d started, pid %d", worker.id, pid)
         return worker
 
+    def _fork(self):
+        """fork() with the master's signals blocked across it.
+
+        Until the child has reset its handlers it would run the master's,
+        whose wakeup fd is the master's own socket: a SIGTERM sent to a
+        new worker would reach the master as a second SIGTERM. Blocked,
+        such a signal waits in the child until its handlers are reset.
+        """
+        handled = list(self._signals)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _reset_child_signals(handled)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        return pid
+
     def _close_in_child(self):
         """Close, in a fresh child, every descriptor the master holds."""
-        _reset_child_signals(self._signals)
         for obj in (self.listener, self.wake_r, self.wake_w):
             if obj is not None:
                 obj.close()
