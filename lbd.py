@@ -16,10 +16,13 @@ Sections, in dependency order (``grep -n '^# .*####' lbd.py``):
     Tasks                   the task record and its view
     Validation              request parsing and task-field checks
     Journal codec           record framing, torn tails, replay (no I/O)
+    Metrics                 rates, windowed histograms, utilization
+    Scaling policy          the default autoscaler (no I/O)
     Configuration           the schema, its defaults, TOML loading
     Built-in handlers       lbd:echo, lbd:sleep, lbd.current_task()
     Worker process          what a forked child runs
     Journal file            the append-only file: group commit, compaction
+    Plugins                 loading, and the process each plugin runs in
     Master                  the event loop, dispatch and supervision
     Commands                one method per protocol op
     Client                  the Python client
@@ -27,12 +30,14 @@ Sections, in dependency order (``grep -n '^# .*####' lbd.py``):
 """
 
 import argparse
+import bisect
 import collections
 import enum
 import fcntl
 import glob
 import heapq
 import importlib
+import importlib.util
 import itertools
 import json
 import logging
@@ -336,6 +341,7 @@ class Task:
         "state", "attempts", "crashes", "submitted_at", "started_at",
         "finished_at", "result", "error", "errors", "worker",
         "entry", "delay_entry", "deadline_entry", "expires", "finished_mono",
+        "queued_mono",
     )
 
     def __init__(self, seq, spec, submitted_at):
@@ -359,7 +365,7 @@ class Task:
         self.result = self.error = self.worker = None
         self.errors = []
         self.entry = self.delay_entry = self.deadline_entry = None
-        self.expires = self.finished_mono = None
+        self.expires = self.finished_mono = self.queued_mono = None
 
     #: Fields a journal "s" record carries: what the submit fixed.
     SUBMIT_FIELDS = ("seq", "handler", "args", "kwargs", "priority",
@@ -750,6 +756,219 @@ def interrupted_error(state):
                        f"{state['attempts']} ran", "worker": state["worker"]}
 
 ###############################################################################
+# Metrics #####################################################################
+###############################################################################
+#
+# Everything here is O(1) per event; windows are rings of per-interval
+# slots that the scaling tick rotates, so nothing grows with traffic.
+
+#: Histogram bucket upper bounds: 4 per decade from 0.1 ms to 10,000 s.
+BUCKETS = tuple(round(1e-4 * 10 ** (i / 4), 10) for i in range(33))
+
+
+class Rate:
+    """An exponentially weighted event rate, in events per second."""
+
+    __slots__ = ("tau", "value", "stamp")
+
+    def __init__(self, tau, now):
+        self.tau = tau
+        self.value = 0.0
+        self.stamp = now
+
+    def _decay(self, now):
+        elapsed = now - self.stamp
+        if elapsed > 0:
+            self.value *= math.exp(-elapsed / self.tau)
+            self.stamp = now
+
+    def add(self, now, count=1):
+        self._decay(now)
+        self.value += count / self.tau
+
+    def get(self, now):
+        self._decay(now)
+        return self.value
+
+
+class WindowHistogram:
+    """Fixed-bucket counts over a sliding window, plus all-time totals."""
+
+    __slots__ = ("bounds", "slots", "current", "totals", "sum", "count")
+
+    def __init__(self, slots, bounds=BUCKETS):
+        self.bounds = bounds
+        size = len(bounds) + 1               # the last bucket is +Inf
+        self.slots = collections.deque(
+            ([0] * size for _ in range(slots)), maxlen=slots)
+        self.current = self.slots[-1]
+        self.totals = [0] * size
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value):
+        index = bisect.bisect_left(self.bounds, value)
+        self.current[index] += 1
+        self.totals[index] += 1
+        self.sum += value
+        self.count += 1
+
+    def rotate(self):
+        """Start a new slot; the oldest one leaves the window."""
+        self.current = [0] * (len(self.bounds) + 1)
+        self.slots.append(self.current)
+
+    def window_counts(self):
+        return [sum(column) for column in zip(*self.slots, strict=True)]
+
+    def quantiles(self, qs=(0.5, 0.95, 0.99)):
+        """Return ({q: upper bound of its bucket}, count) over the window.
+
+        A quantile in the +Inf bucket is reported as the last bound.
+        """
+        counts = self.window_counts()
+        total = sum(counts)
+        result = {}
+        for q in qs:
+            if not total:
+                result[q] = None
+                continue
+            rank, seen = q * total, 0
+            for index, n in enumerate(counts):
+                seen += n
+                if seen >= rank:
+                    result[q] = self.bounds[min(index, len(self.bounds) - 1)]
+                    break
+        return result, total
+
+    def summary(self):
+        quantiles, total = self.quantiles()
+        return {"p50": quantiles[0.5], "p95": quantiles[0.95],
+                "p99": quantiles[0.99], "count": total}
+
+    def cumulative(self):
+        """All-time cumulative bucket counts, as Prometheus wants them."""
+        return {"le": list(self.bounds),
+                "counts": list(itertools.accumulate(self.totals)),
+                "sum": self.sum, "count": self.count}
+
+
+class BusyMeter:
+    """Integrates busy and live worker counts over time, for utilization."""
+
+    __slots__ = ("busy", "live", "busy_seconds", "live_seconds", "stamp",
+                 "samples")
+
+    def __init__(self, now, slots):
+        self.busy = self.live = 0
+        self.busy_seconds = self.live_seconds = 0.0
+        self.stamp = now
+        self.samples = collections.deque([(now, 0.0, 0.0)], maxlen=slots + 1)
+
+    def _advance(self, now):
+        elapsed = now - self.stamp
+        if elapsed > 0:
+            self.busy_seconds += self.busy * elapsed
+            self.live_seconds += self.live * elapsed
+            self.stamp = now
+
+    def set(self, now, busy, live):
+        self._advance(now)
+        self.busy, self.live = busy, live
+
+    def sample(self, now):
+        """Close a window slot; return (busy s, live s) over the window."""
+        self._advance(now)
+        self.samples.append((now, self.busy_seconds, self.live_seconds))
+        _, busy0, live0 = self.samples[0]
+        return self.busy_seconds - busy0, self.live_seconds - live0
+
+
+###############################################################################
+# Scaling policy ##############################################################
+###############################################################################
+
+
+class DefaultPolicy:
+    """Scale out fast when work waits; scale in slowly; ignore noise.
+
+    Each interval it computes what the load needs:
+
+    * backlog: workers that keep up with arrivals and clear the ready queue
+      within target_queue_wait, at the measured per-worker service rate mu
+      (completions per busy-worker-second over the window):
+      ``ceil((arrival_rate + ready / target_queue_wait) / mu)``; before any
+      completion is measured, one more worker per waiting task;
+    * utilization, as Kubernetes' HPA: ``ceil(live * util / target)``.
+
+    Out: when the oldest ready task has waited past target_queue_wait or
+    utilization is above target * (1 + tolerance), jump to the larger
+    need at once. In: only when every recommendation of the last
+    scale_in_delay seconds is below the target (a stabilization window),
+    one worker per interval. Inside the tolerance band: hold.
+    """
+
+    def __init__(self, target_queue_wait=0.5, target_utilization=0.8,
+                 scale_in_delay=60.0, tolerance=0.1):
+        self.target_queue_wait = target_queue_wait
+        self.target_utilization = target_utilization
+        self.scale_in_delay = scale_in_delay
+        self.tolerance = tolerance
+        self.history = collections.deque()    # (time, recommendation)
+        self.reason = ""
+
+    def needs(self, snap, bounds):
+        """Return (backlog need, utilization need) in workers."""
+        ready = snap["queue"]["ready"]
+        mu = snap["service_rate"]
+        if ready == 0:
+            backlog = 0
+        elif mu:
+            backlog = math.ceil((snap["arrival_rate"] + ready /
+                                 self.target_queue_wait) / mu)
+        else:
+            backlog = bounds["current"] + ready
+        util = snap["utilization"] or 0.0
+        live = max(snap["live_workers"], 1)
+        return backlog, math.ceil(live * util / self.target_utilization)
+
+    def __call__(self, snap, bounds):
+        now = snap["clock"]
+        target, low, high = bounds["target"], bounds["min"], bounds["max"]
+        backlog, by_util = self.needs(snap, bounds)
+        util = snap["utilization"] or 0.0
+        waiting = snap["oldest_wait"] > self.target_queue_wait
+        hot = util > self.target_utilization * (1 + self.tolerance)
+        cold = util < self.target_utilization * (1 - self.tolerance) and \
+            snap["queue"]["ready"] == 0
+        if waiting or hot:
+            want = max(target, by_util, backlog if waiting else 0)
+        elif cold:
+            want = max(by_util, backlog)
+        else:
+            want = target
+        want = max(low, min(high, want))
+        self.history.append((now, want))
+        while self.history and self.history[0][0] < now - self.scale_in_delay:
+            self.history.popleft()
+        stable = max(w for _, w in self.history)
+        if want > target:
+            decision = want
+        elif stable < target:
+            decision = target - 1
+        else:
+            decision = target
+        self.reason = (
+            f"ready {snap['queue']['ready']}, oldest wait "
+            f"{snap['oldest_wait']:.3f} s, utilization {util:.2f}, "
+            f"arrivals {snap['arrival_rate']:.1f}/s, service "
+            f"{snap['service_rate'] or 0:.1f}/s per worker -> backlog "
+            f"needs {backlog}, utilization needs {by_util}; stable "
+            f"recommendation {stable}")
+        return max(low, min(high, decision))
+
+
+###############################################################################
 # Configuration ###############################################################
 ###############################################################################
 
@@ -797,6 +1016,32 @@ CONFIG_SCHEMA = {
         "max_tasks": (0, int, "recycle a worker after this many tasks; "
                       "0 never"),
     },
+    "scaling": {
+        "interval": (1.0, float, "seconds between scaling decisions and "
+                     "metric window slots"),
+        "window": (30.0, float, "seconds of the sliding window for "
+                   "utilization and the latency quantiles"),
+        "target_queue_wait": (0.5, float, "scale out once the oldest "
+                              "ready task has waited this long"),
+        "target_utilization": (0.8, float, "busy share of the live "
+                               "workers to aim for"),
+        "scale_in_delay": (60.0, float, "seconds of surplus before a "
+                           "worker is retired"),
+        "tolerance": (0.1, float, "relative band around the target "
+                      "utilization that changes nothing"),
+    },
+    "plugins": {
+        "policy": ("", str, "scaling policy plugin, 'file.py:factory' or "
+                   "'module:factory'; empty uses the default policy"),
+        "sinks": ([], list, "metrics sink plugins, each "
+                  "'file.py:factory' or 'module:factory'"),
+        "options": ({}, dict, "a table per plugin name (the file or "
+                    "module name), passed to its factory"),
+        "timeout": (5.0, float, "seconds a policy plugin has to answer "
+                    "before it is disabled"),
+        "buffer_bytes": (1 << 20, int, "events kept for a slow plugin "
+                         "before new ones are dropped"),
+    },
     "tasks": {
         "timeout": (300.0, float, "seconds per attempt"),
         "max_attempts": (3, int, "attempts per task"),
@@ -820,6 +1065,14 @@ _CONFIG_MINIMUM = {
     ("server", "max_queued"): (1, False),
     ("server", "socket_mode"): (0, False),
     ("journal", "fsync_interval"): (0, True),
+    ("scaling", "interval"): (0, True),
+    ("scaling", "window"): (0, True),
+    ("scaling", "target_queue_wait"): (0, True),
+    ("scaling", "target_utilization"): (0, True),
+    ("scaling", "scale_in_delay"): (0, False),
+    ("scaling", "tolerance"): (0, False),
+    ("plugins", "timeout"): (0, True),
+    ("plugins", "buffer_bytes"): (1024, False),
     ("journal", "compact_bytes"): (4096, False),
     ("workers", "min"): (1, False),
     ("workers", "max"): (0, False),
@@ -867,6 +1120,10 @@ def _check_value(where, value, kind):
         raise ConfigError(f"{where} must be finite")
     if kind is list and not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{where} must be a list of strings")
+    if kind is list:
+        value = list(value)         # never share the schema's default
+    if kind is dict:
+        value = dict(value)
     return value
 
 
@@ -904,6 +1161,16 @@ def _check_bounds(cfg, source):
         if value < low or strict and value == low:
             sign = ">" if strict else ">="
             raise ConfigError(f"{source}: {name}.{key} must be {sign} {low}")
+    for name, table in cfg["plugins"].options.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: plugins.options.{name} must be a "
+                              "table")
+    if cfg["scaling"].target_utilization > 1:
+        raise ConfigError(f"{source}: scaling.target_utilization must be "
+                          "<= 1")
+    if cfg["scaling"].window < cfg["scaling"].interval:
+        raise ConfigError(f"{source}: scaling.window must be >= "
+                          "scaling.interval")
     workers = cfg["workers"]
     if workers.max == 0:
         workers.max = max(workers.min, os.cpu_count() or 1)
@@ -1369,6 +1636,115 @@ def _write_all(fd, data):
 
 
 ###############################################################################
+# Plugins #####################################################################
+###############################################################################
+#
+# A plugin is named by a spec, "path/to/file.py:factory" or
+# "package.module:factory" (":plugin" when omitted). factory(options) is
+# called with the plugin's table from [plugins] options and returns:
+#
+#   a policy: a callable (snapshot, bounds) -> desired worker count, where
+#       bounds is {"min", "max", "current", "target"};
+#   a sink: an object with any of on_event(event), on_snapshot(snapshot)
+#       and close().
+#
+# Each plugin runs in a process of its own, forked from the master and
+# fed JSON lines: plugin code never runs in the master, so a plugin that
+# raises, hangs or crashes cannot stop dispatch. A policy that raises or
+# does not answer within [plugins] timeout is disabled and the default
+# policy takes over; messages for a plugin that falls behind by
+# [plugins] buffer_bytes are dropped and counted. SIGHUP reloads them all.
+
+PLUGIN_API = 1
+
+
+def plugin_name(spec):
+    """The name a plugin's options are filed under: file or module name."""
+    target = spec.rpartition(":")[0] or spec
+    if target.endswith(".py"):
+        return os.path.splitext(os.path.basename(target))[0]
+    return target.rpartition(".")[2]
+
+
+def load_plugin(spec, options):
+    """Import a plugin spec and call its factory; return the plugin."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep:
+        target, attr = spec, "plugin"
+    if target.endswith(".py"):
+        name = f"lbd_plugin_{plugin_name(spec)}"
+        module_spec = importlib.util.spec_from_file_location(name, target)
+        if module_spec is None:
+            raise ImportError(f"cannot load plugin file {target}")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    return getattr(module, attr)(options)
+
+
+def _plugin_main(sock, kind, spec, options):
+    """Run one plugin on its messages; return the exit status."""
+    sock.setblocking(True)
+
+    def send(obj):
+        sock.sendall(dumps(obj))
+
+    try:
+        plugin = load_plugin(spec, options)
+        for line in sock.makefile("rb"):
+            msg = json.loads(line)
+            if msg["t"] == "stop":
+                break
+            if kind == "policy":
+                send({"t": "want", "n": plugin(msg["s"], msg["b"]),
+                      "seq": msg["seq"]})
+                continue
+            hook = getattr(plugin, "on_snapshot" if msg["t"] == "snap"
+                           else "on_event", None)
+            if hook is not None:
+                hook(msg["s"] if msg["t"] == "snap" else msg["e"])
+        close = getattr(plugin, "close", None)
+        if close is not None:
+            close()
+        return 0
+    except BaseException as exc:  # a plugin may raise anything
+        try:
+            send({"t": "error", "message": f"{type(exc).__name__}: {exc}",
+                  "traceback": traceback.format_exc()[-8000:]})
+        except (OSError, TypeError, ValueError):
+            pass
+        return 1
+
+
+class PluginHost:
+    """The master's record of one plugin and the process it runs in."""
+
+    __slots__ = ("spec", "kind", "pid", "sock", "outbuf", "inbuf", "writing",
+                 "dropped", "error", "disabled", "seq", "asked_at")
+
+    def __init__(self, spec, kind):
+        self.spec = spec
+        self.kind = kind
+        self.pid = None
+        self.sock = None
+        self.outbuf = bytearray()
+        self.inbuf = b""
+        self.writing = False
+        self.dropped = 0
+        self.error = None
+        self.disabled = False
+        self.seq = 0
+        self.asked_at = None        # a policy question not yet answered
+
+    def view(self):
+        return {"spec": self.spec, "kind": self.kind, "pid": self.pid,
+                "disabled": self.disabled, "error": self.error,
+                "dropped": self.dropped}
+
+
+###############################################################################
 # Master ######################################################################
 ###############################################################################
 
@@ -1380,7 +1756,7 @@ class Worker:
         "id", "pid", "sock", "state", "task", "tasks_done", "inbuf",
         "outbuf", "started_mono", "ready", "last_beat", "attempt_deadline",
         "kill_reason", "kill_at", "check_entry", "exit", "writing",
-        "boot_error",
+        "boot_error", "attempt_started",
     )
 
     def __init__(self, wid, pid, sock, now):
@@ -1401,6 +1777,7 @@ class Worker:
         self.exit = None
         self.writing = False    # registered for EVENT_WRITE too
         self.boot_error = None  # what the worker said when it could not boot
+        self.attempt_started = None
 
     def view(self):
         return {"id": self.id, "pid": self.pid, "state": self.state,
@@ -1506,6 +1883,9 @@ class Master:
         self.retry_timer = None
         self.compactor = None            # pid of the compaction child
         self.compact_after = 0.0
+        self._init_metrics(cfg["scaling"])
+        self.plugins = []                # PluginHost, one per plugin
+        self.last_decision = None
         self._next_seq = time.time_ns() // 1000
         self._next_wid = 1
         self._ops = {
@@ -1541,6 +1921,9 @@ class Master:
             self._recover()
             self._listen()
             self._maintain_pool()
+            self._start_plugins()
+            self.call_at(self.clock() + self.cfg["scaling"].interval,
+                         self._scale_tick)
             log.info("lbd %s serving on %s (journal %s, workers %d..%d, "
                      "handlers: %s)", __version__, self.socket_path,
                      self.journal.path if self.journal else "off",
@@ -1585,7 +1968,7 @@ class Master:
         for task in self.delayed.pop_due(now):
             task.delay_entry = None
             self._task_to(task, TaskState.QUEUED)
-            task.entry = self.ready.push_task(task)
+            self._enqueue(task)
         for task in self.deadlines.pop_due(now):
             task.deadline_entry = None
             if task.state in (TaskState.QUEUED, TaskState.DELAYED):
@@ -1711,7 +2094,7 @@ class Master:
             task.delay_entry = self.delayed.push(now + (task.run_at - wall),
                                                  task)
         else:
-            task.entry = self.ready.push_task(task)
+            self._enqueue(task)
 
     def _retain_recovered(self, task, now, wall):
         task.finished_mono = now - (wall - task.finished_at)
@@ -1767,6 +2150,166 @@ class Master:
             self.journal.abandon_snapshot(self.compactor)
             self.compactor = None
 
+    # -- plugins -------------------------------------------------------------
+
+    def _start_plugins(self):
+        pcfg = self.cfg["plugins"]
+        specs = ([(pcfg.policy, "policy")] if pcfg.policy else []) + [
+            (spec, "sink") for spec in pcfg.sinks]
+        for spec, kind in specs:
+            host = PluginHost(spec, kind)
+            self.plugins.append(host)
+            self._spawn_plugin(host)
+
+    def _spawn_plugin(self, host):
+        parent_sock, child_sock = socket.socketpair()
+        options = self.cfg["plugins"].options.get(plugin_name(host.spec), {})
+        master = os.getpid()
+        pid = self._fork()
+        if pid == 0:  # the child: never returns
+            status = 1
+            try:
+                _die_with_parent(master)
+                parent_sock.close()
+                self._close_in_child()
+                _redirect_stdin()
+                status = _plugin_main(child_sock, host.kind, host.spec,
+                                      options)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(status)
+        child_sock.close()
+        parent_sock.setblocking(False)
+        host.pid, host.sock = pid, parent_sock
+        self.selector.register(parent_sock, selectors.EVENT_READ,
+                               (self._on_plugin, host))
+        log.info("plugin %s (%s) started, pid %d", host.spec, host.kind, pid)
+
+    def _policy_host(self):
+        for host in self.plugins:
+            if host.kind == "policy" and not host.disabled:
+                return host
+        return None
+
+    def _ask_policy(self, host, snap, bounds, now):
+        if host.asked_at is not None:
+            if now - host.asked_at > self.cfg["plugins"].timeout:
+                self._disable_plugin(host, "did not answer within "
+                                     f"{self.cfg['plugins'].timeout:g} s")
+                self._decide(self.policy(snap, bounds), "default policy",
+                             self.policy.reason)
+            return
+        host.seq += 1
+        host.asked_at = now
+        self._plugin_send(host, {"t": "snap", "s": snap, "b": bounds,
+                                 "seq": host.seq})
+
+    def _emit(self, event):
+        event["at"] = self.wall()
+        for host in self.plugins:
+            if host.kind == "sink":
+                self._plugin_send(host, {"t": "ev", "e": event})
+
+    def _plugin_send(self, host, msg):
+        if host.disabled or host.sock is None:
+            return
+        data = dumps(msg)
+        if len(host.outbuf) + len(data) > self.cfg["plugins"].buffer_bytes:
+            host.dropped += 1
+            if host.dropped in (1, 100) or host.dropped % 10000 == 0:
+                log.warning("plugin %s falls behind: %d message(s) dropped",
+                            host.spec, host.dropped)
+            return
+        host.outbuf += data
+        self._flush_plugin(host)
+
+    def _flush_plugin(self, host):
+        try:
+            sent = host.sock.send(host.outbuf)
+            del host.outbuf[:sent]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._disable_plugin(host, "its process went away")
+            return
+        writing = bool(host.outbuf)
+        if writing != host.writing:
+            events = selectors.EVENT_READ | (
+                selectors.EVENT_WRITE if writing else 0)
+            self.selector.modify(host.sock, events, (self._on_plugin, host))
+            host.writing = writing
+
+    def _on_plugin(self, host, mask):
+        if mask & selectors.EVENT_WRITE and host.sock is not None:
+            self._flush_plugin(host)
+        if not mask & selectors.EVENT_READ or host.sock is None:
+            return
+        try:
+            data = host.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._disable_plugin(host, "its process exited")
+            return
+        lines = (host.inbuf + data).split(b"\n")
+        host.inbuf = lines.pop()
+        for line in lines:
+            self._plugin_message(host, json.loads(line))
+
+    def _plugin_message(self, host, msg):
+        if msg["t"] == "error":
+            log.error("plugin %s raised: %s\n%s", host.spec, msg["message"],
+                      msg.get("traceback", ""))
+            self._disable_plugin(host, f"raised {msg['message']}")
+        elif msg["t"] == "want" and msg.get("seq") == host.seq:
+            host.asked_at = None
+            want = msg["n"]
+            if isinstance(want, bool) or not isinstance(want, int):
+                self._disable_plugin(host, f"returned {want!r}, not an int")
+                return
+            self._decide(want, f"policy {host.spec}", "plugin decision")
+
+    def _disable_plugin(self, host, why):
+        if host.disabled:
+            return
+        host.disabled = True
+        host.error = why
+        log.error("plugin %s disabled: %s%s", host.spec, why,
+                  "; the default policy takes over"
+                  if host.kind == "policy" else "")
+        self._close_plugin(host)
+
+    def _close_plugin(self, host):
+        if host.sock is not None:
+            self.selector.unregister(host.sock)
+            host.sock.close()
+            host.sock = None
+        if host.pid is not None:
+            _signal_pid(host.pid, signal.SIGKILL)
+            self.reap_needed = True
+
+    def _reload_plugins(self):
+        """SIGHUP: start every plugin afresh, re-reading its code."""
+        for host in self.plugins:
+            host.disabled = True
+            self._close_plugin(host)
+        self.plugins = []
+        self._start_plugins()
+
+    def _stop_plugins(self):
+        for host in self.plugins:
+            host.disabled = True
+            self._close_plugin(host)
+            if host.pid is not None:
+                try:
+                    os.waitpid(host.pid, 0)
+                except ChildProcessError:
+                    pass
+                host.pid = None
+
     # -- signals -------------------------------------------------------------
 
     def _install_signals(self):
@@ -1800,7 +2343,9 @@ class Master:
         self.reap_needed = True
 
     def _on_hup(self, _signum):
-        log.info("SIGHUP: live reload is not available in this version")
+        log.info("SIGHUP: reloading plugins (the rest of the configuration "
+                 "is read at start only in this version)")
+        self._reload_plugins()
 
     def _on_ttin(self, _signum):
         self._set_target(self.target + 1, "SIGTTIN")
@@ -2011,14 +2556,149 @@ class Master:
         self.conns.pop(conn.fd, None)
         self.dirty.discard(conn)
 
+    # -- metrics and state bookkeeping ---------------------------------------
+
+    def _init_metrics(self, scfg):
+        now = self.clock()
+        slots = max(1, round(scfg.window / scfg.interval))
+        tau = max(scfg.interval, scfg.window / 6)
+        self.arrivals = Rate(tau, now)
+        self.completions = Rate(tau, now)
+        self.queue_wait = WindowHistogram(slots)
+        self.run_time = WindowHistogram(slots)
+        self.meter = BusyMeter(now, slots)
+        self.window_seconds = (0.0, 0.0)    # (busy, live) at the last tick
+        self.ready_fifo = collections.deque()   # (queued at, task): oldest
+        self.by_state = collections.Counter()
+        self.policy = DefaultPolicy(scfg.target_queue_wait,
+                                    scfg.target_utilization,
+                                    scfg.scale_in_delay, scfg.tolerance)
+
+    def _worker_to(self, worker, new):
+        """The one way a worker's state changes: table, counts, events."""
+        old = transition(WORKER_TRANSITIONS, worker, new)
+        by_state = self.by_state
+        if old is not None:
+            by_state[old] -= 1
+        by_state[new] += 1
+        self._meter_workers()
+        if self.plugins:
+            self._emit({"kind": "worker", "id": worker.id, "pid": worker.pid,
+                        "state": new, "from": old})
+        return old
+
+    def _forget_worker(self, worker):
+        self.by_state[worker.state] -= 1
+        del self.workers[worker.id]
+        self._meter_workers()
+
+    def _meter_workers(self):
+        by_state = self.by_state
+        busy = by_state[WorkerState.BUSY] + by_state[WorkerState.DRAINING]
+        self.meter.set(self.clock(), busy, busy + by_state[WorkerState.IDLE])
+
+    def _enqueue(self, task):
+        now = self.clock()
+        task.queued_mono = now
+        task.entry = self.ready.push_task(task)
+        self.ready_fifo.append((now, task))
+
+    def oldest_wait(self, now):
+        """Seconds the longest-waiting ready task has waited (amortized O(1))."""
+        fifo = self.ready_fifo
+        while fifo:
+            stamp, task = fifo[0]
+            if task.state is TaskState.QUEUED and task.queued_mono == stamp:
+                return now - stamp
+            fifo.popleft()
+        return 0.0
+
+    def snapshot(self):
+        """The metrics snapshot: what `metrics` returns and policies see."""
+        now = self.clock()
+        busy_s, live_s = self.window_seconds
+        completed = self.run_time.summary()
+        live = sum(self.by_state[s] for s in (
+            WorkerState.IDLE, WorkerState.BUSY, WorkerState.DRAINING))
+        return {
+            "clock": now, "at": self.wall(),
+            "queue": {"ready": len(self.ready), "delayed": len(self.delayed),
+                      "running": self.running_count},
+            "oldest_wait": self.oldest_wait(now),
+            "arrival_rate": self.arrivals.get(now),
+            "completion_rate": self.completions.get(now),
+            "workers": {s.value: self.by_state[s] for s in WorkerState},
+            "live_workers": live,
+            "busy_workers": self.meter.busy,
+            "utilization": busy_s / live_s if live_s > 0 else None,
+            "service_rate": completed["count"] / busy_s if busy_s > 0 and
+            completed["count"] else None,
+            "queue_wait": self.queue_wait.summary(),
+            "run_time": completed,
+            "queue_wait_histogram": self.queue_wait.cumulative(),
+            "run_time_histogram": self.run_time.cumulative(),
+            "counters": dict(self.counters),
+            "tasks_retained": len(self.tasks),
+            "min_workers": self.min_workers, "max_workers": self.max_workers,
+            "target_workers": self.target,
+            "last_decision": self.last_decision,
+            "plugins": [host.view() for host in self.plugins],
+        }
+
+    def _bounds(self):
+        current = sum(1 for w in self.workers.values()
+                      if w.state in LIVE_WORKER_STATES)
+        return {"min": self.min_workers, "max": self.max_workers,
+                "current": current, "target": self.target}
+
+    def _scale_tick(self, _arg=None):
+        """Every interval: close a metrics slot, decide, tell the plugins."""
+        scfg = self.cfg["scaling"]
+        now = self.clock()
+        self.call_at(now + scfg.interval, self._scale_tick)
+        self.queue_wait.rotate()
+        self.run_time.rotate()
+        self.window_seconds = self.meter.sample(now)
+        if self.stopping:
+            return
+        snap = self.snapshot()
+        bounds = self._bounds()
+        policy = self._policy_host()
+        if self.max_workers > self.min_workers:
+            if policy is not None:
+                self._ask_policy(policy, snap, bounds, now)
+            else:
+                self._decide(self.policy(snap, bounds), "default policy",
+                             self.policy.reason)
+        for host in self.plugins:
+            if host.kind == "sink":
+                self._plugin_send(host, {"t": "snap", "s": snap})
+
+    def _decide(self, want, source, reason):
+        want = max(self.min_workers, min(self.max_workers, want))
+        if want == self.target:
+            log.debug("scaling: hold at %d (%s): %s", want, source, reason)
+            return
+        direction = "out" if want > self.target else "in"
+        log.info("scaling %s: target %d -> %d (%s): %s", direction,
+                 self.target, want, source, reason)
+        self.last_decision = {"at": self.wall(), "from": self.target,
+                              "to": want, "source": source,
+                              "reason": reason}
+        self._set_target(want, source)
+
     # -- tasks ---------------------------------------------------------------
 
     def _task_to(self, task, new):
+        """The one way a task's state changes: table, counts, events."""
         old = transition(TASK_TRANSITIONS, task, new)
         if old is TaskState.RUNNING:
             self.running_count -= 1
         if new is TaskState.RUNNING:
             self.running_count += 1
+        if self.plugins:
+            self._emit({"kind": "task", "id": task.id, "state": new,
+                        "from": old, "handler": task.handler})
         return old
 
     def new_task(self, spec):
@@ -2038,8 +2718,9 @@ class Master:
             task.delay_entry = self.delayed.push(now + spec["delay"], task)
         else:
             self._task_to(task, TaskState.QUEUED)
-            task.entry = self.ready.push_task(task)
+            self._enqueue(task)
         self.counters["submitted"] += 1
+        self.arrivals.add(now)
         self._record({"k": "s", "t": task.submit_record()}, sync=True)
         return task
 
@@ -2124,7 +2805,7 @@ class Master:
 
     def _requeue(self, task):
         self._task_to(task, TaskState.QUEUED)
-        task.entry = self.ready.push_task(task)
+        self._enqueue(task)
         if task.expires is not None:
             task.deadline_entry = self.deadlines.push(task.expires, task)
 
@@ -2186,12 +2867,15 @@ class Master:
         self.deadlines.remove(task.deadline_entry)
         task.deadline_entry = None
         self._task_to(task, TaskState.RUNNING)
-        transition(WORKER_TRANSITIONS, worker, WorkerState.BUSY)
+        self._worker_to(worker, WorkerState.BUSY)
         task.attempts += 1
         task.started_at = self.wall()
         task.worker = worker.id
         worker.task = task
-        worker.attempt_deadline = self.clock() + task.timeout
+        now = self.clock()
+        self.queue_wait.observe(now - task.queued_mono)
+        worker.attempt_started = now
+        worker.attempt_deadline = now + task.timeout
         self._record({"k": "r", "id": task.seq, "a": task.attempts,
                       "w": worker.id, "at": task.started_at})
         self._send(worker, {"t": "run", "id": task.id, "a": task.attempts,
@@ -2246,7 +2930,7 @@ class Master:
         parent_sock.setblocking(False)
         worker = Worker(self._next_wid, pid, parent_sock, self.clock())
         self._next_wid += 1
-        transition(WORKER_TRANSITIONS, worker, WorkerState.STARTING)
+        self._worker_to(worker, WorkerState.STARTING)
         self.workers[worker.id] = worker
         self.by_pid[pid] = worker
         self.selector.register(parent_sock, selectors.EVENT_READ,
@@ -2284,6 +2968,9 @@ class Master:
                 worker.sock.close()
         for conn in self.conns.values():
             conn.sock.close()
+        for host in self.plugins:
+            if host.sock is not None:
+                host.sock.close()
         if self.journal is not None:
             self.journal.close_in_child()
         self.selector.close()
@@ -2369,7 +3056,7 @@ class Master:
         log.debug("worker %d ready", worker.id)
 
     def _to_idle(self, worker):
-        transition(WORKER_TRANSITIONS, worker, WorkerState.IDLE)
+        self._worker_to(worker, WorkerState.IDLE)
         self.idle.append(worker)
 
     def _worker_result(self, worker, msg):
@@ -2382,6 +3069,9 @@ class Master:
         worker.task = None
         worker.attempt_deadline = None
         worker.tasks_done += 1
+        now = self.clock()
+        self.run_time.observe(now - worker.attempt_started)
+        self.completions.add(now)
         if msg["t"] == "ok":
             self._finish(task, TaskState.DONE, result=msg["r"])
         else:
@@ -2404,7 +3094,7 @@ class Master:
 
     def _stop_worker(self, worker):
         """Ask an idle or draining worker to exit cleanly."""
-        transition(WORKER_TRANSITIONS, worker, WorkerState.STOPPING)
+        self._worker_to(worker, WorkerState.STOPPING)
         self._send(worker, {"t": "stop"})
         worker.kill_at = self.clock() + self.cfg["workers"].kill_grace
         self._arm_check(worker, worker.kill_at)
@@ -2415,7 +3105,7 @@ class Master:
             worker.kill_reason = reason
         if worker.state is not state and state in WORKER_TRANSITIONS[
                 worker.state]:
-            transition(WORKER_TRANSITIONS, worker, state)
+            self._worker_to(worker, state)
         _signal_pid(worker.pid, signal.SIGTERM)
         worker.kill_at = self.clock() + self.cfg["workers"].kill_grace
         self._arm_check(worker, worker.kill_at)
@@ -2481,7 +3171,7 @@ class Master:
             worker.sock.close()
             worker.sock = None
         if worker.state not in (WorkerState.STOPPING, WorkerState.FAILED):
-            transition(WORKER_TRANSITIONS, worker, WorkerState.FAILED)
+            self._worker_to(worker, WorkerState.FAILED)
 
     def _worker_eof(self, worker):
         """The worker's socket closed: it is exiting (or must be made to)."""
@@ -2520,6 +3210,12 @@ class Master:
             if pid == self.compactor:
                 self._compaction_done(status)
                 continue
+            host = next((h for h in self.plugins if h.pid == pid), None)
+            if host is not None:
+                host.pid = None
+                self._disable_plugin(host, _describe_exit(
+                    _exit_info(status, rusage)))
+                continue
             worker = self.by_pid.pop(pid, None)
             if worker is not None:
                 self._worker_exited(worker, _exit_info(status, rusage))
@@ -2531,7 +3227,7 @@ class Master:
         self._close_worker_sock(worker)
         self.timers.remove(worker.check_entry)
         worker.check_entry = None
-        del self.workers[worker.id]
+        self._forget_worker(worker)
         reason = worker.kill_reason
         expected = reason is not None or (
             worker.state is WorkerState.STOPPING and info["exit_code"] == 0)
@@ -2597,7 +3293,7 @@ class Master:
     def retire(self, worker):
         """Let a worker go without losing or repeating its task."""
         if worker.state is WorkerState.BUSY:
-            transition(WORKER_TRANSITIONS, worker, WorkerState.DRAINING)
+            self._worker_to(worker, WorkerState.DRAINING)
         elif worker.state is WorkerState.IDLE:
             self._stop_worker(worker)
         elif worker.state is WorkerState.STARTING:
@@ -2635,6 +3331,7 @@ class Master:
                     "ok": False, "error": SHUTTING_DOWN,
                     "message": "the daemon shut down before the task ended"})
         self._stop_compactor()
+        self._stop_plugins()
         if self.journal is not None and self._flush_journal():
             self.journal.sync()
         for conn in list(self.dirty):
@@ -2645,6 +3342,7 @@ class Master:
         for worker in self.workers.values():
             _signal_pid(worker.pid, signal.SIGKILL)
         self._stop_compactor()
+        self._stop_plugins()
 
     # == Commands =============================================================
     # One method per op: (conn, request, slot) -> response, or None when the
@@ -2760,14 +3458,7 @@ class Master:
         }
 
     def op_metrics(self, conn, request, slot):
-        by_state = collections.Counter(w.state for w in self.workers.values())
-        return {"ok": True, "metrics": {
-            "queue": {"ready": len(self.ready), "delayed": len(self.delayed),
-                      "running": self.running_count},
-            "workers": {s.value: by_state.get(s, 0) for s in WorkerState},
-            "tasks_retained": len(self.tasks),
-            "counters": dict(self.counters),
-        }}
+        return {"ok": True, "metrics": self.snapshot()}
 
     def op_drain(self, conn, request, slot):
         wid = field(request, "worker", (int,), "a worker id (integer)")

@@ -107,6 +107,7 @@ WRONG = {
     float: [True, False, "1.0", "1", [1.0], None],
     str: [1, True, ["x"], None],
     list: ["mod", ("mod",), {"a": "b"}, [1], ["ok", 2], [None], None],
+    dict: ["x", 1, ["a"], None],
 }
 
 WRONG_CASES = [pytest.param(s, k, v, id=f"{s}.{k}={v!r}")
@@ -134,11 +135,14 @@ def test_non_finite_floats_are_refused(section, key, value):
 
 @pytest.mark.parametrize("section,key", FLOAT_KEYS)
 def test_ints_are_accepted_for_floats(section, key):
-    data = {section: {key: 50}}
+    given = 1 if key == "target_utilization" else 50   # a share: <= 1
+    data = {section: {key: given}}
     if key == "heartbeat_interval":
         data[section]["heartbeat_timeout"] = 100
+    if key == "interval":
+        data[section]["window"] = 100
     value = getattr(lbd.build_config(data)[section], key)
-    assert value == 50.0 and type(value) is float
+    assert value == float(given) and type(value) is float
 
 
 def test_floats_are_not_accepted_for_ints():
