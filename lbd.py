@@ -23,6 +23,7 @@ Sections, in dependency order (``grep -n '^# .*####' lbd.py``):
     Worker process          what a forked child runs
     Journal file            the append-only file: group commit, compaction
     Plugins                 loading, and the process each plugin runs in
+    systemd                 sd_notify, the watchdog, socket activation
     Master                  the event loop, dispatch and supervision
     Commands                one method per protocol op
     Client                  the Python client
@@ -35,6 +36,7 @@ import collections
 import enum
 import fcntl
 import glob
+import grp
 import heapq
 import importlib
 import importlib.util
@@ -49,6 +51,7 @@ import selectors
 import signal
 import socket
 import stat
+import struct
 import sys
 import threading
 import time
@@ -83,6 +86,7 @@ TOO_LARGE = "too_large"
 TOO_MANY_CLIENTS = "too_many_clients"
 QUEUE_FULL = "queue_full"
 SHUTTING_DOWN = "shutting_down"
+FORBIDDEN = "forbidden"
 TIMEOUT = "timeout"
 INTERNAL = "internal_error"
 JOURNAL_ERROR = "journal_error"
@@ -972,6 +976,10 @@ class DefaultPolicy:
 # Configuration ###############################################################
 ###############################################################################
 
+class IntList(list):
+    """Config value type: a list of integers (a plain list is of strings)."""
+
+
 #: Every configuration key: section -> key -> (default, type, meaning).
 #: config.example.toml documents the same keys; a test keeps them equal.
 CONFIG_SCHEMA = {
@@ -980,6 +988,13 @@ CONFIG_SCHEMA = {
                    "$LBD_SOCKET, else $RUNTIME_DIRECTORY/lbd.sock, else "
                    "$XDG_RUNTIME_DIR/lbd.sock, else /tmp/lbd-UID/lbd.sock"),
         "socket_mode": (0o600, int, "permission bits of the socket file"),
+        "socket_group": ("", str, "group given the socket file; empty "
+                         "keeps the daemon's"),
+        "allowed_uids": ([], IntList, "user ids allowed to connect (checked "
+                         "with SO_PEERCRED); empty lists allow whoever the "
+                         "socket's mode lets in. The daemon's own user is "
+                         "always allowed"),
+        "allowed_gids": ([], IntList, "group ids allowed to connect"),
         "max_request_bytes": (1 << 20, int, "longest request line"),
         "max_output_bytes": (16 << 20, int,
                              "unread responses kept for one client before "
@@ -1107,6 +1122,11 @@ class Section:
 
 
 def _check_value(where, value, kind):
+    if kind is IntList:
+        if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{where} must be a list of integers")
+        return IntList(value)
     if kind is float and isinstance(value, int) and not isinstance(
             value, bool):
         try:
@@ -1745,6 +1765,95 @@ class PluginHost:
 
 
 ###############################################################################
+# systemd #####################################################################
+###############################################################################
+#
+# The notify protocol without libsystemd: one datagram of newline-separated
+# KEY=VALUE lines to $NOTIFY_SOCKET (a path, or "@name" for an abstract
+# address). Socket activation: $LISTEN_PID/$LISTEN_FDS hand us fd 3.
+
+SD_LISTEN_FDS_START = 3
+
+
+class Notifier:
+    """Sends sd_notify messages; does nothing when not run by systemd."""
+
+    def __init__(self, environ=os.environ):
+        self.address = _notify_address(environ.get("NOTIFY_SOCKET", ""))
+        self.sock = None
+        self.failed = False
+        if self.address is not None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM |
+                                      socket.SOCK_CLOEXEC)
+        usec = environ.get("WATCHDOG_USEC", "")
+        pid = environ.get("WATCHDOG_PID", "")
+        self.watchdog = None    # seconds between pings
+        if usec.isdigit() and int(usec) > 0 and (
+                not pid or pid == str(os.getpid())):
+            self.watchdog = int(usec) / 2e6
+
+    def send(self, **fields):
+        """Send KEY=VALUE lines; return True if a datagram went out."""
+        if self.sock is None:
+            return False
+        text = "\n".join(f"{k}={v}" for k, v in fields.items())
+        try:
+            self.sock.sendto(text.encode(), self.address)
+            return True
+        except OSError as exc:
+            if not self.failed:
+                log.warning("sd_notify to %r failed: %s", self.address, exc)
+                self.failed = True
+            return False
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def _notify_address(value):
+    if value.startswith("@"):
+        return "\0" + value[1:]
+    if value.startswith("/"):
+        return value
+    return None
+
+
+def activated_socket(environ=os.environ):
+    """Return the listening socket systemd passed us, or None.
+
+    Raises ConfigError if the passed descriptor is not a listening Unix
+    stream socket.
+    """
+    if environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    count = environ.get("LISTEN_FDS", "")
+    if not count.isdigit() or int(count) < 1:
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        environ.pop(name, None)     # not for our children
+    fd = SD_LISTEN_FDS_START
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        raise ConfigError(f"socket activation: fd {fd} is not a socket")
+    sock = socket.socket(fileno=fd)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or \
+            not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise ConfigError(f"socket activation: fd {fd} is not a listening "
+                          "Unix stream socket")
+    os.set_inheritable(fd, False)
+    return sock
+
+
+def peer_credentials(sock):
+    """Return (pid, uid, gid) of the process at the other end of ``sock``."""
+    size = struct.calcsize("3i")
+    return struct.unpack("3i", sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_PEERCRED, size))
+
+
+###############################################################################
 # Master ######################################################################
 ###############################################################################
 
@@ -1756,7 +1865,7 @@ class Worker:
         "id", "pid", "sock", "state", "task", "tasks_done", "inbuf",
         "outbuf", "started_mono", "ready", "last_beat", "attempt_deadline",
         "kill_reason", "kill_at", "check_entry", "exit", "writing",
-        "boot_error", "attempt_started",
+        "boot_error", "attempt_started", "generation",
     )
 
     def __init__(self, wid, pid, sock, now):
@@ -1778,11 +1887,16 @@ class Worker:
         self.writing = False    # registered for EVENT_WRITE too
         self.boot_error = None  # what the worker said when it could not boot
         self.attempt_started = None
+        self.generation = 0
 
-    def view(self):
+    def view(self, now=None):
+        running = None
+        if self.task is not None and now is not None:
+            running = round(now - self.attempt_started, 3)
         return {"id": self.id, "pid": self.pid, "state": self.state,
                 "task": self.task.id if self.task else None,
-                "tasks_done": self.tasks_done}
+                "tasks_done": self.tasks_done, "running_for": running,
+                "generation": self.generation}
 
 
 class Conn:
@@ -1838,8 +1952,12 @@ class Master:
     response (``_before_sleep``).
     """
 
-    def __init__(self, cfg, clock=time.monotonic, wall=time.time):
+    def __init__(self, cfg, clock=time.monotonic, wall=time.time,
+                 config_path=None, overrides=None):
         self.cfg = cfg
+        self.config_path = config_path   # re-read on reload
+        self.overrides = overrides or {}
+        self.generation = 1              # bumped by a reload: rolls workers
         self.clock = clock
         self.wall = wall
         self.socket_path = cfg["server"].socket or default_socket_path()
@@ -1874,6 +1992,13 @@ class Master:
         self.done = False
         self.reap_needed = False
         self.listener = None
+        self.activated = False           # listener came from systemd
+        self.refused = 0
+        self.refusal_logged = -1e9
+        self.notifier = Notifier()
+        self.status_sent = (None, -1e9)  # (text, when)
+        self.status_timer = None
+        self.ready_sent = False
         self.wake_r = self.wake_w = None
         self.purge_timer = None
         self.journal = _make_journal(cfg["journal"])
@@ -1898,6 +2023,7 @@ class Master:
             "metrics": (self.op_metrics, ()),
             "drain": (self.op_drain, ("worker",)),
             "scale": (self.op_scale, ("min", "max")),
+            "reload": (self.op_reload, ()),
             "shutdown": (self.op_shutdown, ()),
         }
         self._signals = {
@@ -1922,6 +2048,7 @@ class Master:
             self._listen()
             self._maintain_pool()
             self._start_plugins()
+            self._start_watchdog()
             self.call_at(self.clock() + self.cfg["scaling"].interval,
                          self._scale_tick)
             log.info("lbd %s serving on %s (journal %s, workers %d..%d, "
@@ -2009,6 +2136,8 @@ class Master:
                 self.clock() >= self.compact_after and \
                 journal.wants_compaction(self.cfg["journal"].compact_bytes):
             self._start_compaction()
+        if self.notifier.sock is not None:
+            self._notify_status()
         if self.stopping and not self.workers and not self.done:
             self._finish_shutdown()
 
@@ -2310,6 +2439,100 @@ class Master:
                     pass
                 host.pid = None
 
+    # -- reload --------------------------------------------------------------
+
+    #: Keys a running daemon cannot change: they need a restart.
+    RESTART_KEYS = (("server", "socket"), ("journal", "path"),
+                    ("tasks", "aging_rate"))
+
+    def reload(self):
+        """Re-read the config, apply it, then roll the workers.
+
+        Returns (applied, message). An invalid config changes nothing.
+        """
+        self.notifier.send(RELOADING=1, MONOTONIC_USEC=time.clock_gettime_ns(
+            time.CLOCK_MONOTONIC) // 1000)
+        try:
+            new = load_config(self.config_path, self.overrides)
+        except ConfigError as exc:
+            log.error("reload rejected; the old configuration stays: %s",
+                      exc)
+            self.notifier.send(READY=1, STATUS=f"reload rejected: {exc}")
+            return False, str(exc)
+        kept = []
+        for section, key in self.RESTART_KEYS:
+            old = getattr(self.cfg[section], key)
+            if getattr(new[section], key) != old:
+                kept.append(f"{section}.{key}")
+                setattr(new[section], key, old)
+        if kept:
+            log.warning("reload: %s need(s) a restart; keeping the running "
+                        "value(s)", ", ".join(kept))
+        self._apply_config(new)
+        self.notifier.send(READY=1, STATUS="reloaded")
+        message = "reloaded; rolling workers to generation " \
+            f"{self.generation}"
+        if kept:
+            message += f" ({', '.join(kept)} need a restart)"
+        log.info("%s", message)
+        return True, message
+
+    def _apply_config(self, new):
+        old, self.cfg = self.cfg, new
+        if self.journal is not None:
+            self.journal.mode = new["journal"].fsync
+            self.journal.interval = new["journal"].fsync_interval
+        scfg = new["scaling"]
+        if (scfg.window, scfg.interval) != (old["scaling"].window,
+                                            old["scaling"].interval):
+            self._init_metrics(scfg)
+        else:
+            self.policy = DefaultPolicy(scfg.target_queue_wait,
+                                        scfg.target_utilization,
+                                        scfg.scale_in_delay, scfg.tolerance)
+        self.min_workers = new["workers"].min
+        self.max_workers = new["workers"].max
+        self.target = max(self.min_workers, min(self.max_workers,
+                                                self.target))
+        self.known_handlers = None
+        self._reload_plugins()
+        self.generation += 1
+        self.spawn_after = 0.0
+        self._maintain_pool()
+
+    # -- systemd -------------------------------------------------------------
+
+    def _start_watchdog(self):
+        if self.notifier.watchdog is not None:
+            log.info("systemd watchdog: pinging every %.3f s",
+                     self.notifier.watchdog)
+            self._watchdog_ping()
+
+    def _watchdog_ping(self, _arg=None):
+        self.notifier.send(WATCHDOG=1)
+        self.call_at(self.clock() + self.notifier.watchdog,
+                     self._watchdog_ping)
+
+    def _notify_status(self, _arg=None):
+        """Send STATUS= when it changed, at most once a second."""
+        if _arg is not None:
+            self.status_timer = None
+        live = sum(1 for w in self.workers.values()
+                   if w.state in LIVE_WORKER_STATES)
+        text = (f"{len(self.ready)} ready, {len(self.delayed)} delayed, "
+                f"{self.running_count} running; {live} worker(s), "
+                f"{self.by_state[WorkerState.IDLE]} idle")
+        last, when = self.status_sent
+        if text == last:
+            return
+        now = self.clock()
+        if now - when >= 1.0:
+            self.notifier.send(STATUS=text)
+            self.status_sent = (text, now)
+        elif self.status_timer is None:
+            self.status_timer = self.call_at(when + 1.0, self._notify_status,
+                                             True)
+
     # -- signals -------------------------------------------------------------
 
     def _install_signals(self):
@@ -2343,9 +2566,8 @@ class Master:
         self.reap_needed = True
 
     def _on_hup(self, _signum):
-        log.info("SIGHUP: reloading plugins (the rest of the configuration "
-                 "is read at start only in this version)")
-        self._reload_plugins()
+        log.info("SIGHUP: reloading the configuration")
+        self.reload()
 
     def _on_ttin(self, _signum):
         self._set_target(self.target + 1, "SIGTTIN")
@@ -2356,21 +2578,34 @@ class Master:
     # -- the listening socket ------------------------------------------------
 
     def _listen(self):
-        path = self.socket_path
+        """Bind (or adopt systemd's socket) with its mode set before listen."""
+        sock = activated_socket()
+        if sock is not None:
+            self.activated = True
+            self.socket_path = sock.getsockname() or "(activated)"
+            log.info("using the socket systemd passed: %s", self.socket_path)
+        else:
+            sock = self._bind(self.socket_path)
+        sock.setblocking(False)
+        self.listener = sock
+        self.selector.register(sock, selectors.EVENT_READ,
+                               (self._on_accept, None))
+
+    def _bind(self, path):
+        scfg = self.cfg["server"]
         _prepare_socket_dir(path)
         _remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(path)
-            os.chmod(path, self.cfg["server"].socket_mode)
+            os.chmod(path, scfg.socket_mode)   # before listen: no window
+            if scfg.socket_group:
+                os.chown(path, -1, _group_id(scfg.socket_group))
             sock.listen(128)
-        except OSError as exc:
+        except (OSError, ConfigError) as exc:
             sock.close()
             raise ConfigError(f"cannot listen on {path}: {exc}") from None
-        sock.setblocking(False)
-        self.listener = sock
-        self.selector.register(sock, selectors.EVENT_READ,
-                               (self._on_accept, None))
+        return sock
 
     def _close_listener(self):
         if self.listener is None:
@@ -2378,6 +2613,8 @@ class Master:
         self.selector.unregister(self.listener)
         self.listener.close()
         self.listener = None
+        if self.activated:
+            return          # systemd's socket: never unlink it
         try:
             os.unlink(self.socket_path)
         except FileNotFoundError:
@@ -2395,11 +2632,31 @@ class Master:
             if len(self.conns) >= self.cfg["server"].max_clients:
                 _refuse(sock, TOO_MANY_CLIENTS, "too many open connections")
                 continue
+            if not self._peer_allowed(sock):
+                continue
             sock.setblocking(False)
             conn = Conn(sock)
             self.conns[conn.fd] = conn
             self.selector.register(sock, selectors.EVENT_READ,
                                    (self._on_conn, conn))
+
+    def _peer_allowed(self, sock):
+        """Check SO_PEERCRED against allowed_uids/gids; refuse the rest."""
+        scfg = self.cfg["server"]
+        if not scfg.allowed_uids and not scfg.allowed_gids:
+            return True
+        pid, uid, gid = peer_credentials(sock)
+        if uid == os.getuid() or uid in scfg.allowed_uids or \
+                gid in scfg.allowed_gids:
+            return True
+        self.refused += 1
+        now = self.clock()
+        if now >= self.refusal_logged + 10.0:
+            log.warning("refused a connection from pid %d uid %d gid %d "
+                        "(%d refused so far)", pid, uid, gid, self.refused)
+            self.refusal_logged = now
+        _refuse(sock, FORBIDDEN, "this user may not use the daemon")
+        return False
 
     # -- client connections --------------------------------------------------
 
@@ -2891,7 +3148,8 @@ class Master:
         if self.stopping:
             return
         live = [w for w in self.workers.values()
-                if w.state in LIVE_WORKER_STATES]
+                if w.state in LIVE_WORKER_STATES and
+                w.generation == self.generation]
         surplus = len(live) - self.target
         if surplus > 0:
             self._retire_some(live, surplus)
@@ -2929,6 +3187,7 @@ class Master:
         child_sock.close()
         parent_sock.setblocking(False)
         worker = Worker(self._next_wid, pid, parent_sock, self.clock())
+        worker.generation = self.generation
         self._next_wid += 1
         self._worker_to(worker, WorkerState.STARTING)
         self.workers[worker.id] = worker
@@ -2971,6 +3230,7 @@ class Master:
         for host in self.plugins:
             if host.sock is not None:
                 host.sock.close()
+        self.notifier.close()
         if self.journal is not None:
             self.journal.close_in_child()
         self.selector.close()
@@ -3054,6 +3314,26 @@ class Master:
         self._arm_check(worker, worker.last_beat +
                         self.cfg["workers"].heartbeat_timeout)
         log.debug("worker %d ready", worker.id)
+        self._retire_old_generation()
+        if not self.ready_sent and self.by_state[WorkerState.IDLE] >= \
+                self.min_workers:
+            self.ready_sent = True
+            self.notifier.send(READY=1, STATUS="serving")
+            log.info("ready: %d worker(s) idle", self.min_workers)
+
+    def _retire_old_generation(self):
+        """During a roll: one old worker goes for each new one ready."""
+        old = [w for w in self.workers.values()
+               if w.generation != self.generation
+               and w.state in LIVE_WORKER_STATES]
+        if not old:
+            return
+        ready = sum(1 for w in self.workers.values()
+                    if w.generation == self.generation
+                    and w.state in (WorkerState.IDLE, WorkerState.BUSY))
+        excess = len(old) + ready - self.target
+        if excess > 0:
+            self._retire_some(old, excess)
 
     def _to_idle(self, worker):
         self._worker_to(worker, WorkerState.IDLE)
@@ -3306,6 +3586,7 @@ class Master:
         if self.stopping:
             return
         self.stopping = True
+        self.notifier.send(STOPPING=1, STATUS="stopping")
         grace = self.cfg["workers"].stop_grace
         log.info("shutting down: %d running task(s) get up to %g s",
                  self.running_count, grace)
@@ -3437,7 +3718,7 @@ class Master:
     def op_status(self, conn, request, slot):
         return {
             "ok": True, "version": __version__, "pid": os.getpid(),
-            "workers": [w.view() for w in self.workers.values()],
+            "workers": [w.view(self.clock()) for w in self.workers.values()],
             "queue": {"ready": len(self.ready),
                       "delayed": len(self.delayed),
                       "running": self.running_count},
@@ -3481,6 +3762,13 @@ class Master:
         self.min_workers, self.max_workers = low, high
         self._set_target(self.target, "scale request")
         return {"ok": True, "min_workers": low, "max_workers": high}
+
+    def op_reload(self, conn, request, slot):
+        applied, message = self.reload()
+        if not applied:
+            raise RequestError(BAD_REQUEST, f"reload rejected: {message}")
+        return {"ok": True, "message": message,
+                "generation": self.generation}
 
     def op_shutdown(self, conn, request, slot):
         self.begin_shutdown()
@@ -3534,6 +3822,16 @@ def _refuse(sock, code, message):
     except OSError:
         pass
     sock.close()
+
+
+def _group_id(name):
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+        raise ConfigError(f"no group {name!r} for server.socket_group"
+                          ) from None
 
 
 def _prepare_socket_dir(path):
@@ -3742,7 +4040,8 @@ def cmd_serve(args):
     if args.handlers is not None:
         overrides["workers", "handlers"] = [
             m.strip() for m in args.handlers.split(",") if m.strip()]
-    return Master(load_config(args.config, overrides)).serve()
+    return Master(load_config(args.config, overrides),
+                  config_path=args.config, overrides=overrides).serve()
 
 
 def _task_options(args):
@@ -3877,6 +4176,11 @@ def cmd_scale(args, client):
               if v is not None}
     response = client.request("scale", **fields)
     print(f"min {response['min_workers']}, max {response['max_workers']}")
+    return 0
+
+
+def cmd_reload(args, client):
+    print(client.request("reload")["message"])
     return 0
 
 
@@ -4023,6 +4327,8 @@ def build_parser():
     p = client_cmd("scale", cmd_scale, "change the pool bounds")
     p.add_argument("--min", type=_positive_int)
     p.add_argument("--max", type=_positive_int)
+    client_cmd("reload", cmd_reload, "re-read the config and roll the "
+               "workers")
     client_cmd("shutdown", cmd_shutdown, "stop the daemon gracefully")
 
     journal = sub.add_parser("journal", help="check or repair a journal "

@@ -108,6 +108,7 @@ WRONG = {
     str: [1, True, ["x"], None],
     list: ["mod", ("mod",), {"a": "b"}, [1], ["ok", 2], [None], None],
     dict: ["x", 1, ["a"], None],
+    lbd.IntList: ["1", 1, ["1"], [True], [1.5], None],
 }
 
 WRONG_CASES = [pytest.param(s, k, v, id=f"{s}.{k}={v!r}")
