@@ -1979,6 +1979,7 @@ class Master:
         self.worker_dirty = set()        # workers with messages to send
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.running_count = 0
+        self.ready_by_priority = collections.Counter()
         self.target = cfg["workers"].min
         self.min_workers = cfg["workers"].min
         self.max_workers = cfg["workers"].max
@@ -2856,6 +2857,7 @@ class Master:
 
     def _enqueue(self, task):
         now = self.clock()
+        self.ready_by_priority[task.priority] += 1
         task.queued_mono = now
         task.entry = self.ready.push_task(task)
         self.ready_fifo.append((now, task))
@@ -2949,6 +2951,11 @@ class Master:
     def _task_to(self, task, new):
         """The one way a task's state changes: table, counts, events."""
         old = transition(TASK_TRANSITIONS, task, new)
+        if old is TaskState.QUEUED:
+            by_priority = self.ready_by_priority
+            by_priority[task.priority] -= 1
+            if not by_priority[task.priority]:
+                del by_priority[task.priority]
         if old is TaskState.RUNNING:
             self.running_count -= 1
         if new is TaskState.RUNNING:
@@ -3725,6 +3732,9 @@ class Master:
             "min_workers": self.min_workers,
             "max_workers": self.max_workers,
             "target_workers": self.target,
+            "ready_by_priority": {
+                str(p): n for p, n in sorted(self.ready_by_priority.items(),
+                                             reverse=True)[:20]},
             "stopping": self.stopping,
             "worker_error": None if self.boot_error is None else {
                 "message": self.boot_error,
@@ -4153,6 +4163,79 @@ def cmd_metrics(args, client):
     return 0
 
 
+def _top_lines(status, metrics, width):
+    """The lines of one `lbd top` frame, as plain text."""
+    queue = status["queue"]
+    wait, run = metrics["queue_wait"], metrics["run_time"]
+    util = metrics["utilization"]
+
+    def ms(value):
+        return "-" if value is None else f"{value * 1000:.1f}ms"
+
+    lines = [
+        f"lbd {status['version']}  pid {status['pid']}  workers "
+        f"{len(status['workers'])} (target {status['target_workers']}, min "
+        f"{status['min_workers']}, max {status['max_workers']})"
+        + ("  SHUTTING DOWN" if status["stopping"] else ""),
+        f"queue: {queue['ready']} ready, {queue['delayed']} delayed, "
+        f"{queue['running']} running; oldest wait "
+        f"{metrics['oldest_wait']:.2f}s",
+        f"rates: {metrics['arrival_rate']:.1f} in/s, "
+        f"{metrics['completion_rate']:.1f} done/s; utilization "
+        + ("-" if util is None else f"{util:.0%}"),
+        f"queue wait p50 {ms(wait['p50'])} p95 {ms(wait['p95'])} p99 "
+        f"{ms(wait['p99'])}; run time p50 {ms(run['p50'])} p95 "
+        f"{ms(run['p95'])}",
+    ]
+    decision = metrics.get("last_decision")
+    if decision:
+        lines.append(f"scaler: {decision['from']} -> {decision['to']} "
+                     f"({decision['source']}): {decision['reason']}")
+    if status["worker_error"]:
+        lines.append(f"workers failing to start: "
+                     f"{status['worker_error']['message']}")
+    by_priority = status.get("ready_by_priority") or {}
+    if by_priority:
+        lines.append("ready by priority: " + ", ".join(
+            f"{p}: {n}" for p, n in by_priority.items()))
+    lines.append("")
+    lines.append(f"{'WORKER':>6} {'PID':>8}  {'STATE':<9} {'TASK':<18} "
+                 f"{'RUNNING':>9} {'DONE':>7}")
+    for w in status["workers"]:
+        running = "-" if w["running_for"] is None else \
+            f"{w['running_for']:.1f}s"
+        lines.append(f"{w['id']:>6} {w['pid']:>8}  {w['state']:<9} "
+                     f"{w['task'] or '-':<18} {running:>9} "
+                     f"{w['tasks_done']:>7}")
+    return [line[:width] for line in lines]
+
+
+def cmd_top(args, client):
+    if args.once or not sys.stdout.isatty():
+        for line in _top_lines(client.status(), client.metrics(), 1000):
+            print(line)
+        return 0
+    import curses   # only here: a terminal is not needed anywhere else
+    return curses.wrapper(_top_screen, client, args.interval)
+
+
+def _top_screen(screen, client, interval):
+    import curses
+    curses.curs_set(0)
+    screen.timeout(int(interval * 1000))
+    while True:
+        frame = _top_lines(client.status(), client.metrics(),
+                           screen.getmaxyx()[1] - 1)
+        screen.erase()
+        for row, line in enumerate(frame[:screen.getmaxyx()[0] - 1]):
+            screen.addstr(row, 0, line)
+        screen.addstr(min(len(frame), screen.getmaxyx()[0] - 1), 0,
+                      "q: quit")
+        screen.refresh()
+        if screen.getch() in (ord("q"), ord("Q"), 27):
+            return 0
+
+
 def cmd_ping(args, client):
     deadline = time.monotonic() + (args.wait or 0)
     while True:
@@ -4319,6 +4402,11 @@ def build_parser():
     p.add_argument("--json", action="store_true")
     p = client_cmd("metrics", cmd_metrics, "show counters and gauges")
     p.add_argument("--json", action="store_true")
+    p = client_cmd("top", cmd_top, "a live view of workers, queue and rates")
+    p.add_argument("--interval", type=_seconds, default=1.0, metavar="S")
+    p.add_argument("--once", action="store_true",
+                   help="print one plain frame (the default without a "
+                   "terminal)")
     p = client_cmd("ping", cmd_ping, "check that the daemon answers")
     p.add_argument("--wait", type=_seconds, metavar="S",
                    help="keep trying for up to S seconds")
