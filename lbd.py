@@ -630,9 +630,27 @@ def decode_record(line):
 
 
 def _any_valid_after(data, pos):
-    for line in data[pos:].split(b"\n")[1:]:
+    """True if a valid record follows the damaged line starting at pos.
+
+    That includes one hiding in the same line behind a damaged newline:
+    a torn write only ever cuts records short, it never joins them.
+    """
+    lines = data[pos:].split(b"\n")
+    if _hides_a_record(lines[0]):
+        return True
+    for line in lines[1:]:
         if decode_record(line) is not None:
             return True
+    return False
+
+
+def _hides_a_record(line):
+    """True if ``line`` is two valid records joined by one damaged byte."""
+    end = line.find(b"}")
+    while end >= 0:
+        if decode_record(line[end + 2:]) and decode_record(line[:end + 1]):
+            return True
+        end = line.find(b"}", end + 1)
     return False
 
 
@@ -746,7 +764,7 @@ def survey_journal(data):
         end = len(data) if newline < 0 else newline
         record = None if newline < 0 else decode_record(data[pos:end])
         if record is None:
-            bad.append((pos, end + 1 - pos))
+            bad.append((pos, end - pos + (newline >= 0)))
         else:
             records.append(record)
         pos = end + 1
@@ -1485,6 +1503,7 @@ class Journal:
         self.size = 0                # bytes in the file
         self.base_size = 0           # size right after the last compaction
         self.since_fork = None       # bytes written while a compaction runs
+        self.dir_unsynced = False    # a rename whose directory needs fsync
 
     def open(self):
         """Lock, read and repair the file; return its records (no header).
@@ -1540,6 +1559,7 @@ class Journal:
             if self.unsynced and (self.mode == "always" or self.sync_wanted
                                   and self.mode == "submits"):
                 self.sync()
+            self._sync_dir()
         except OSError as exc:
             self._fail(exc)
             return False
@@ -1630,16 +1650,26 @@ class Journal:
             _write_all(fd, self.since_fork)
             os.fsync(fd)
             os.replace(path, self.path)
-            fsync_dir(self.path)
         except OSError:
             os.close(fd)
             raise
         finally:
             self.since_fork = None
+        # From the rename on, the new file is the journal, whatever happens.
         old, self.fd = self.fd, fd
         os.close(old)
         self.size = self.base_size = os.fstat(fd).st_size
         self.unsynced = False
+        self.dir_unsynced = True
+        try:
+            self._sync_dir()
+        except OSError as exc:
+            self._fail(exc)     # retried by the next flush
+
+    def _sync_dir(self):
+        if self.dir_unsynced:
+            fsync_dir(self.path)
+            self.dir_unsynced = False
 
     def abandon_snapshot(self, pid):
         self.since_fork = None
@@ -3106,10 +3136,10 @@ class Master:
                           "crash": crash, "run_at": None})
             self._requeue(task)
             return
+        task.run_at = self.wall() + wait    # one reading: journal == memory
         self._record({"k": "f", "id": task.seq, "e": error, "crash": crash,
-                      "run_at": self.wall() + wait})
+                      "run_at": task.run_at})
         self._task_to(task, TaskState.DELAYED)
-        task.run_at = self.wall() + wait
         task.delay_entry = self.delayed.push(self.clock() + wait, task)
         if task.expires is not None:
             task.deadline_entry = self.deadlines.push(task.expires, task)
