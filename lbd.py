@@ -470,6 +470,10 @@ def _parse_float(text):
     return value
 
 
+_strict_decoder = json.JSONDecoder(parse_constant=_reject_constant,
+                                   parse_float=_parse_float)
+
+
 def loads(data):
     """Decode one JSON document strictly: no NaN or infinities.
 
@@ -478,8 +482,7 @@ def loads(data):
     """
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
-        return json.loads(text, parse_constant=_reject_constant,
-                          parse_float=_parse_float)
+        return _strict_decoder.decode(text)
     except UnicodeDecodeError:
         raise RequestError(BAD_JSON, "request is not valid UTF-8") from None
     except (ValueError, RecursionError) as exc:
@@ -488,7 +491,34 @@ def loads(data):
                            ) from None
 
 
-_dumps_str = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+def _unencodable(obj):
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON "
+                    "serializable")
+
+
+def _make_encoder():
+    """Return a compact, ASCII, NaN-refusing JSON encoder built once.
+
+    JSONEncoder.encode builds its C encoder anew on every call; on the hot
+    path that costs more than the encoding. Without the C accelerator,
+    fall back to the plain encoder.
+    """
+    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    plain = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+    if c_make_encoder is None:
+        return plain
+    encode = c_make_encoder(None, _unencodable,
+                            json.encoder.encode_basestring_ascii, None, ":",
+                            ",", False, False, False)
+
+    def dumps_str(obj):
+        if isinstance(obj, str):
+            return plain(obj)
+        return "".join(encode(obj, 0))
+    return dumps_str
+
+
+_dumps_str = _make_encoder()
 
 
 def dumps(obj):
@@ -1314,8 +1344,7 @@ def _load_handlers(modules):
     """Import the handler modules; return {"module:function": callable}."""
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    this = sys.modules[__name__]
-    table = {name: getattr(this, name.split(":")[1])
+    table = {name: globals()[name.split(":")[1]]
              for name in BUILTIN_HANDLERS}
     for modname in modules:
         module = importlib.import_module(modname)
@@ -1944,7 +1973,7 @@ class Conn:
         self.eof = False        # the peer will send nothing more
         self.closing = False    # close once every owed response is out
         self.events = selectors.EVENT_READ   # as registered now
-        self.waits = []         # parked wait requests: (task id, slot)
+        self.waits = {}         # parked wait requests: id(slot) -> task id
 
 
 COUNTERS = (
@@ -2830,7 +2859,7 @@ class Master:
     def _close_conn(self, conn):
         if conn.sock is None:
             return
-        for tid, _slot in conn.waits:
+        for tid in conn.waits.values():
             parked = self.waiters.get(tid)
             if parked:
                 parked[:] = [(c, s) for c, s in parked if c is not conn]
@@ -3045,7 +3074,7 @@ class Master:
                 record["crash"] = task.crashes
             self._record(record, sync=state is TaskState.CANCELLED)
         for conn, slot in self.waiters.pop(task.id, ()):
-            conn.waits = [w for w in conn.waits if w[1] is not slot]
+            conn.waits.pop(id(slot), None)
             self._answer_parked(conn, slot, {"ok": True, "task": task.view()})
         self._retain(task)
 
@@ -3721,7 +3750,7 @@ class Master:
             self.call_at(self.clock() + timeout, self._wait_timeout,
                          (conn, slot, task.id))
         self.waiters.setdefault(task.id, []).append((conn, slot))
-        conn.waits.append((task.id, slot))
+        conn.waits[id(slot)] = task.id
         return None
 
     def _wait_timeout(self, arg):
@@ -3732,7 +3761,7 @@ class Master:
         parked[:] = [(c, s) for c, s in parked if s is not slot]
         if not parked:
             del self.waiters[tid]
-        conn.waits = [w for w in conn.waits if w[1] is not slot]
+        conn.waits.pop(id(slot), None)
         self._answer_parked(conn, slot, {
             "ok": False, "error": TIMEOUT,
             "message": f"task {tid} is not finished yet"})
@@ -4457,9 +4486,26 @@ def build_parser():
     return parser
 
 
+def _alias_module():
+    """Make ``import lbd`` in handlers find this very module.
+
+    Run as ``python3 lbd.py`` the code is ``__main__`` (under a profiler,
+    not even that), and a handler's ``import lbd`` would load a second
+    copy whose current_task() knows nothing. A module object over these
+    functions serves: they keep reading this module's globals.
+    """
+    if "lbd" in sys.modules:
+        return
+    module = sys.modules.get(__name__)
+    if module is None or module.__dict__ is not globals():
+        module = type(sys)("lbd")
+        module.__dict__.update(globals())
+    sys.modules["lbd"] = module
+
+
 def main(argv=None):
     """Run the ``lbd`` command line; return the exit status."""
-    sys.modules.setdefault("lbd", sys.modules[__name__])
+    _alias_module()
     args = build_parser().parse_args(argv)
     try:
         if not args.client:
