@@ -2297,10 +2297,12 @@ class Master:
         """Fork a child that writes a snapshot of the live state."""
         journal = self.journal
         journal.since_fork = bytearray()
+        master = os.getpid()
         pid = self._fork()
         if pid == 0:  # the child: never returns
             status = 1
             try:
+                _die_with_parent(master)
                 self._close_in_child()
                 journal.write_snapshot(os.getpid(), self.tasks.values())
                 status = 0
