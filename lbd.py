@@ -2297,19 +2297,12 @@ class Master:
         """Fork a child that writes a snapshot of the live state."""
         journal = self.journal
         journal.since_fork = bytearray()
-        master = os.getpid()
-        pid = self._fork()
-        if pid == 0:  # the child: never returns
-            status = 1
-            try:
-                _die_with_parent(master)
-                self._close_in_child()
-                journal.write_snapshot(os.getpid(), self.tasks.values())
-                status = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(status)
+
+        def snapshot(_sock, _master):
+            journal.write_snapshot(os.getpid(), self.tasks.values())
+            return 0
+        pid, sock = self._fork_child(snapshot)
+        sock.close()
         self.compactor = pid
         log.info("journal %s is %d bytes: compacting in child pid %d",
                  journal.path, journal.size, pid)
@@ -2353,25 +2346,10 @@ class Master:
             self._spawn_plugin(host)
 
     def _spawn_plugin(self, host):
-        parent_sock, child_sock = socket.socketpair()
         options = self.cfg["plugins"].options.get(plugin_name(host.spec), {})
-        master = os.getpid()
-        pid = self._fork()
-        if pid == 0:  # the child: never returns
-            status = 1
-            try:
-                _die_with_parent(master)
-                parent_sock.close()
-                self._close_in_child()
-                _redirect_stdin()
-                status = _plugin_main(child_sock, host.kind, host.spec,
-                                      options)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(status)
-        child_sock.close()
-        parent_sock.setblocking(False)
+        pid, parent_sock = self._fork_child(
+            lambda sock, _master: _plugin_main(sock, host.kind, host.spec,
+                                               options))
         host.pid, host.sock = pid, parent_sock
         self.selector.register(parent_sock, selectors.EVENT_READ,
                                (self._on_plugin, host))
@@ -3235,25 +3213,11 @@ class Master:
         self._maintain_pool()
 
     def _spawn(self):
-        parent_sock, child_sock = socket.socketpair()
         wcfg = self.cfg["workers"]
-        master = os.getpid()
-        pid = self._fork()
-        if pid == 0:  # the child: never returns
-            status = 1
-            try:
-                _die_with_parent(master)
-                parent_sock.close()
-                self._close_in_child()
-                _redirect_stdin()
-                status = _worker_main(child_sock, wcfg.handlers,
-                                      wcfg.heartbeat_interval, master)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(status)
-        child_sock.close()
-        parent_sock.setblocking(False)
+        pid, parent_sock = self._fork_child(
+            lambda sock, master: _worker_main(sock, wcfg.handlers,
+                                              wcfg.heartbeat_interval,
+                                              master))
         worker = Worker(self._next_wid, pid, parent_sock, self.clock())
         worker.generation = self.generation
         self._next_wid += 1
@@ -3266,6 +3230,33 @@ class Master:
         self._arm_check(worker, worker.started_mono + wcfg.start_timeout)
         log.debug("worker %d started, pid %d", worker.id, pid)
         return worker
+
+    def _fork_child(self, run):
+        """Fork a child that runs ``run(sock, master_pid)``, then exits.
+
+        The child dies with the master, closes everything the master
+        holds, reads /dev/null, and exits with run's return value; it
+        never returns here. Returns (pid, the master's end of the child's
+        socketpair).
+        """
+        parent_sock, child_sock = socket.socketpair()
+        master = os.getpid()
+        pid = self._fork()
+        if pid == 0:
+            status = 1
+            try:
+                _die_with_parent(master)
+                parent_sock.close()
+                self._close_in_child()
+                _redirect_stdin()
+                status = run(child_sock, master)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(status)
+        child_sock.close()
+        parent_sock.setblocking(False)
+        return pid, parent_sock
 
     def _fork(self):
         """fork() with the master's signals blocked across it.
