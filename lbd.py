@@ -451,8 +451,25 @@ MAX_PRIORITY = 10 ** 9
 MAX_SECONDS = 10.0 ** 9
 MAX_ATTEMPTS = 1000
 MAX_KEY_LEN = 1024
+#: Deepest nesting of lists and objects in a request or a result. Far past
+#: any real payload, and far below the recursion limit, so whatever was
+#: decoded can always be encoded again, in the journal and on the wire.
+MAX_NESTING = 64
 
 _HANDLER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def nesting_ok(obj, limit=MAX_NESTING):
+    """True if lists and objects in ``obj`` nest at most ``limit`` deep."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value
+        if depth > limit:
+            return False
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, (dict, list)))
+    return True
 
 
 def _bad(message):
@@ -967,6 +984,7 @@ class DefaultPolicy:
         self.scale_in_delay = scale_in_delay
         self.tolerance = tolerance
         self.history = collections.deque()    # (time, recommendation)
+        self.decided = None                    # what it answered last
         self.reason = ""
 
     def needs(self, snap, bounds):
@@ -987,6 +1005,10 @@ class DefaultPolicy:
     def __call__(self, snap, bounds):
         now = snap["clock"]
         target, low, high = bounds["target"], bounds["min"], bounds["max"]
+        if target != self.decided:
+            # Set from outside (SIGTTIN, lbd scale, a plugin, a reload):
+            # it counts as a recommendation, so it too lasts the delay.
+            self.history.append((now, target))
         backlog, by_util = self.needs(snap, bounds)
         util = snap["utilization"] or 0.0
         waiting = snap["oldest_wait"] > self.target_queue_wait
@@ -1017,7 +1039,8 @@ class DefaultPolicy:
             f"{snap['service_rate'] or 0:.1f}/s per worker -> backlog "
             f"needs {backlog}, utilization needs {by_util}; stable "
             f"recommendation {stable}")
-        return max(low, min(high, decision))
+        self.decided = max(low, min(high, decision))
+        return self.decided
 
 
 ###############################################################################
@@ -1424,6 +1447,8 @@ def _worker_main(sock, modules, heartbeat_interval, parent):
             return 0
         reply = _run_one(handlers, msg)
         try:
+            if not nesting_ok(reply):
+                raise ValueError(f"nested deeper than {MAX_NESTING} levels")
             data = dumps(reply)
         except (TypeError, ValueError, RecursionError) as exc:
             data = dumps({"t": "err", "id": msg["id"], "a": msg["a"], "e": {
@@ -2384,7 +2409,8 @@ class Master:
         if host.disabled or host.sock is None:
             return
         data = dumps(msg)
-        if len(host.outbuf) + len(data) > self.cfg["plugins"].buffer_bytes:
+        if host.outbuf and len(host.outbuf) + len(data) > \
+                self.cfg["plugins"].buffer_bytes:
             host.dropped += 1
             if host.dropped in (1, 100) or host.dropped % 10000 == 0:
                 log.warning("plugin %s falls behind: %d message(s) dropped",
@@ -2400,6 +2426,7 @@ class Master:
         except (BlockingIOError, InterruptedError):
             pass
         except OSError:
+            self._read_plugin(host)     # it may have said why, first
             self._disable_plugin(host, "its process went away")
             return
         writing = bool(host.outbuf)
@@ -2412,21 +2439,32 @@ class Master:
     def _on_plugin(self, host, mask):
         if mask & selectors.EVENT_WRITE and host.sock is not None:
             self._flush_plugin(host)
-        if not mask & selectors.EVENT_READ or host.sock is None:
-            return
+        if mask & selectors.EVENT_READ and host.sock is not None:
+            if not self._read_plugin(host):
+                self._disable_plugin(host, "its process exited")
+
+    def _read_plugin(self, host):
+        """Handle what the plugin sent; return False at end of stream."""
         try:
             data = host.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
-            return
+            return True
         except OSError:
             data = b""
         if not data:
-            self._disable_plugin(host, "its process exited")
-            return
+            return False
         lines = (host.inbuf + data).split(b"\n")
         host.inbuf = lines.pop()
         for line in lines:
-            self._plugin_message(host, json.loads(line))
+            try:
+                msg = json.loads(line)
+            except (ValueError, RecursionError):
+                self._disable_plugin(host, "it sent a line that is not JSON")
+                return True
+            self._plugin_message(host, msg)
+            if host.sock is None:
+                break
+        return True
 
     def _plugin_message(self, host, msg):
         if msg["t"] == "error":
@@ -2468,8 +2506,26 @@ class Master:
         self.plugins = []
         self._start_plugins()
 
-    def _stop_plugins(self):
+    def _stop_plugins(self, grace=0.0):
+        """End every plugin: ask it to stop, give it ``grace``, then kill."""
         for host in self.plugins:
+            if host.sock is not None and not host.disabled and grace:
+                try:
+                    host.sock.setblocking(True)
+                    host.sock.settimeout(grace)
+                    host.sock.sendall(bytes(host.outbuf) + dumps({"t": "stop"}))
+                except OSError:
+                    pass
+        deadline = time.monotonic() + grace
+        for host in self.plugins:
+            while host.pid is not None and time.monotonic() < deadline:
+                try:
+                    if os.waitpid(host.pid, os.WNOHANG)[0]:
+                        host.pid = None
+                except ChildProcessError:
+                    host.pid = None
+                if host.pid is not None:
+                    time.sleep(0.005)   # shutting down: nothing else to do
             host.disabled = True
             self._close_plugin(host)
             if host.pid is not None:
@@ -2644,6 +2700,8 @@ class Master:
             sock.listen(128)
         except (OSError, ConfigError) as exc:
             sock.close()
+            if os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)     # ours, bound a moment ago
             raise ConfigError(f"cannot listen on {path}: {exc}") from None
         return sock
 
@@ -2751,6 +2809,10 @@ class Master:
             request = loads(line)
             if not isinstance(request, dict):
                 raise _bad("a request must be a JSON object")
+            if not nesting_ok(request):
+                request = None
+                raise _bad(f"request nested deeper than {MAX_NESTING} "
+                           "levels")
             op = request.get("op")
             entry = self._ops.get(op) if isinstance(op, str) else None
             if entry is None:
@@ -3345,8 +3407,18 @@ class Master:
         lines = (worker.inbuf + data).split(b"\n")
         worker.inbuf = lines.pop()
         worker.last_beat = self.clock()
+        self._worker_lines(worker, lines)
+
+    def _worker_lines(self, worker, lines):
         for line in lines:
-            self._worker_message(worker, json.loads(line))
+            try:
+                msg = json.loads(line)
+            except (ValueError, RecursionError):
+                log.error("worker %d sent a line that is not JSON; killing "
+                          "it", worker.id)
+                self._kill_worker(worker, "protocol", WorkerState.FAILED)
+                return
+            self._worker_message(worker, msg)
 
     def _worker_message(self, worker, msg):
         kind = msg["t"]
@@ -3534,8 +3606,7 @@ class Master:
                 break
             data += chunk
         worker.inbuf = b""
-        for line in data.split(b"\n")[:-1]:
-            self._worker_message(worker, json.loads(line))
+        self._worker_lines(worker, data.split(b"\n")[:-1])
 
     def _reap(self, _signum=None):
         """Collect every exited child; settle each one's worker and task."""
@@ -3671,7 +3742,7 @@ class Master:
                     "ok": False, "error": SHUTTING_DOWN,
                     "message": "the daemon shut down before the task ended"})
         self._stop_compactor()
-        self._stop_plugins()
+        self._stop_plugins(grace=min(2.0, self.cfg["plugins"].timeout))
         if self.journal is not None and self._flush_journal():
             self.journal.sync()
         for conn in list(self.dirty):
@@ -3999,7 +4070,12 @@ class Client:
         try:
             self._sock.sendall(data)
         except OSError as exc:
+            # The daemon may have refused us (forbidden, too many clients)
+            # and closed before our request got there: say why it did.
+            refusal = _last_words(self._rfile)
             self.close()
+            if refusal is not None:
+                _checked(refusal)
             raise Unavailable(f"lost the daemon at {self.socket_path}: "
                               f"{exc}") from None
 
@@ -4064,6 +4140,15 @@ class Client:
     def shutdown(self):
         """Ask the daemon to shut down gracefully."""
         self.request("shutdown")
+
+
+def _last_words(rfile):
+    """Return a complete response line still buffered on a closed socket."""
+    try:
+        line = rfile.readline()
+        return json.loads(line) if line.endswith(b"\n") else None
+    except (OSError, ValueError):
+        return None
 
 
 def _checked(response):
