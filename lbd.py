@@ -4043,13 +4043,25 @@ class Client:
             return
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-        except OSError as exc:
-            sock.close()
-            raise Unavailable(f"no lbd daemon is answering at "
-                              f"{self.socket_path} "
-                              f"({exc.strerror or exc})") from None
+        give_up = None if self.timeout is None else \
+            time.monotonic() + self.timeout
+        while True:
+            try:
+                sock.connect(self.socket_path)
+                break
+            except BlockingIOError:
+                # A full listen backlog: a socket with a timeout gets
+                # EAGAIN where a blocking one would wait. Wait, then.
+                if give_up is not None and time.monotonic() >= give_up:
+                    sock.close()
+                    raise Unavailable(f"the daemon at {self.socket_path} "
+                                      "is not accepting connections") from None
+                time.sleep(0.01)
+            except OSError as exc:
+                sock.close()
+                raise Unavailable(f"no lbd daemon is answering at "
+                                  f"{self.socket_path} "
+                                  f"({exc.strerror or exc})") from None
         self._sock = sock
         self._rfile = sock.makefile("rb")
 
