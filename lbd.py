@@ -24,8 +24,17 @@ Sections, in dependency order (``grep -n '^# .*####' lbd.py``):
     Journal file            the append-only file: group commit, compaction
     Plugins                 loading, and the process each plugin runs in
     systemd                 sd_notify, the watchdog, socket activation
-    Master                  the event loop, dispatch and supervision
+    Master: records ...     the master's worker and connection records
+    Master: connections     accept, read, answer in request order
+    Master: journal         group commit, recovery, compaction
+    Master: tasks           task state changes, retries, dispatch
+    Master: workers         forking workers, their messages
+    Master: supervision     deadlines, kills, reaping, pool size
+    Master: metrics ...     state counts, the snapshot, the scaling tick
+    Master: plugins         plugin processes
+    Master: operations      reload, systemd notification, signals
     Commands                one method per protocol op
+    Master                  the daemon: its state and its loop
     Client                  the Python client
     CLI                     argparse subcommands and main()
 """
@@ -361,7 +370,8 @@ class Task:
         self.retry_on_error = spec["retry_on_error"]
         self.submitted_at = submitted_at
         deadline, delay = spec["deadline"], spec["delay"]
-        self.deadline_at = None if deadline is None else submitted_at + deadline
+        self.deadline_at = None if deadline is None else \
+            submitted_at + deadline
         self.run_at = None if delay is None else submitted_at + delay
         self.state = None
         self.attempts = self.crashes = 0
@@ -830,6 +840,7 @@ def interrupted_error(state):
 #
 # Everything here is O(1) per event; windows are rings of per-interval
 # slots that the scaling tick rotates, so nothing grows with traffic.
+
 
 #: Histogram bucket upper bounds: 4 per decade from 0.1 ms to 10,000 s.
 BUCKETS = tuple(round(1e-4 * 10 ** (i / 4), 10) for i in range(33))
@@ -1938,7 +1949,7 @@ def peer_credentials(sock):
 
 
 ###############################################################################
-# Master ######################################################################
+# Master: records and helpers #################################################
 ###############################################################################
 
 
@@ -2028,203 +2039,362 @@ def _describe_exit(info):
     return f"exited with code {info['exit_code']}"
 
 
-class Master:
-    """The daemon: one selector loop serving clients and supervising workers.
+def _make_journal(jcfg):
+    if jcfg.path == "none":
+        return None
+    return Journal(jcfg.path or default_journal_path(), jcfg.fsync,
+                   jcfg.fsync_interval)
 
-    Loop shape: wait on the selector until the next due time, handle the
-    ready sockets, run what has come due, dispatch, then flush every owed
-    response (``_before_sleep``).
+
+def _ignore_signal(_signum, _frame):
+    """The signal's byte reaches the loop through the wakeup fd."""
+
+
+def _signal_pid(pid, signum):
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _die_with_parent(parent):
+    """Have the kernel SIGKILL this worker when the master dies (Linux).
+
+    The heartbeat thread notices a dead master too, but not while the
+    whole process is stopped or wedged; this covers those.
     """
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)       # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:              # it died before the prctl
+        os._exit(1)
 
-    def __init__(self, cfg, clock=time.monotonic, wall=time.time,
-                 config_path=None, overrides=None):
-        self.cfg = cfg
-        self.config_path = config_path   # re-read on reload
-        self.overrides = overrides or {}
-        self.generation = 1              # bumped by a reload: rolls workers
-        self.clock = clock
-        self.wall = wall
-        self.socket_path = cfg["server"].socket or default_socket_path()
-        self.selector = selectors.DefaultSelector()
-        self.tasks = {}                  # id -> Task, terminal ones kept
-        self.ready = ReadyQueue(cfg["tasks"].aging_rate)
-        self.delayed = LazyHeap()        # run_at (monotonic) -> Task
-        self.deadlines = LazyHeap()      # expiry (monotonic) -> Task
-        self.timers = LazyHeap()         # due (monotonic) -> (fn, arg)
-        self.keys = {}                   # idempotency key -> task id
-        self.retention = collections.deque()  # (drop at, task id)
-        self.keyed_retention = collections.deque()   # the same, with keys
-        self.workers = {}                # id -> Worker
-        self.by_pid = {}
-        self.idle = []                   # IDLE workers, most recent last
-        self.conns = {}
-        self.waiters = {}                # task id -> [(conn, slot)]
-        self.dirty = set()               # conns with responses to flush
-        self.worker_dirty = set()        # workers with messages to send
-        self.counters = dict.fromkeys(COUNTERS, 0)
-        self.running_count = 0
-        self.ready_by_priority = collections.Counter()
-        self.target = cfg["workers"].min
-        self.min_workers = cfg["workers"].min
-        self.max_workers = cfg["workers"].max
-        self.known_handlers = None       # from the latest ready worker
-        self.boot_failures = 0           # consecutive, reset on a ready
-        self.boot_error = None
-        self.spawn_after = 0.0
-        self.spawn_timer = None
-        self.stopping = False
-        self.stop_deadline = None
-        self.done = False
-        self.reap_needed = False
-        self.listener = None
-        self.activated = False           # listener came from systemd
-        self.refused = 0
-        self.refusal_logged = -1e9
-        self.notifier = Notifier()
-        self.status_sent = (None, -1e9)  # (text, when)
-        self.status_timer = None
-        self.ready_sent = False
-        self.wake_r = self.wake_w = None
-        self.purge_timer = None
-        self.journal = _make_journal(cfg["journal"])
-        self.held = set()                # conns waiting on a failed journal
-        self.journal_deps = set()        # conns told of this turn's records
-        self.sync_timer = None
-        self.retry_timer = None
-        self.compactor = None            # pid of the compaction child
-        self.compact_after = 0.0
-        self._init_metrics(cfg["scaling"])
-        self.plugins = []                # PluginHost, one per plugin
-        self.last_decision = None
-        self._next_seq = time.time_ns() // 1000
-        self._next_wid = 1
-        self._ops = {
-            "ping": (self.op_ping, ()),
-            "submit": (self.op_submit, ("task",)),
-            "get": (self.op_get, ("id",)),
-            "wait": (self.op_wait, ("id", "timeout")),
-            "cancel": (self.op_cancel, ("id",)),
-            "status": (self.op_status, ()),
-            "metrics": (self.op_metrics, ()),
-            "drain": (self.op_drain, ("worker",)),
-            "scale": (self.op_scale, ("min", "max")),
-            "reload": (self.op_reload, ()),
-            "shutdown": (self.op_shutdown, ()),
-        }
-        self._signals = {
-            signal.SIGTERM: self._on_term,
-            signal.SIGINT: self._on_term,
-            signal.SIGCHLD: self._on_chld,
-            signal.SIGHUP: self._on_hup,
-            signal.SIGTTIN: self._on_ttin,
-            signal.SIGTTOU: self._on_ttou,
-        }
 
-    # -- the loop ------------------------------------------------------------
+def _redirect_stdin():
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(fd, 0)
+    os.close(fd)
 
-    def serve(self):
-        """Run until shut down; return the process exit status.
 
-        Raises LbdError when start-up is impossible (socket or journal).
-        """
-        self._install_signals()
+def _refuse(sock, code, message):
+    try:
+        sock.setblocking(False)
+        sock.send(dumps({"ok": False, "error": code, "message": message}))
+    except OSError:
+        pass
+    sock.close()
+
+
+def _group_id(name):
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+        raise ConfigError(f"no group {name!r} for server.socket_group"
+                          ) from None
+
+
+def _prepare_socket_dir(path):
+    """Create the default private socket directory, or check it is ours."""
+    folder = os.path.dirname(path) or "."
+    if folder != f"/tmp/lbd-{os.getuid()}":
+        return
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        info = os.lstat(folder)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            raise ConfigError(f"{folder} exists and is not a directory "
+                              "owned by this user; use --socket") from None
+
+
+def _remove_stale_socket(path):
+    """Refuse if a live daemon answers at ``path``; remove a dead socket."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        log.info("removed stale socket %s", path)
+        return
+    except OSError as exc:
+        raise ConfigError(f"cannot check socket {path}: {exc}") from None
+    finally:
+        probe.close()
+    raise ConfigError(f"another lbd daemon is already serving on {path}")
+
+
+###############################################################################
+# Master: connections #########################################################
+###############################################################################
+
+
+class _Connections:
+    """The control socket and its clients: accept, read, answer in order."""
+
+    # -- the listening socket ------------------------------------------------
+
+    def _listen(self):
+        """Bind (or adopt systemd's socket) with its mode set before listen."""
+        sock = activated_socket()
+        if sock is not None:
+            self.activated = True
+            self.socket_path = sock.getsockname() or "(activated)"
+            log.info("using the socket systemd passed: %s", self.socket_path)
+        else:
+            sock = self._bind(self.socket_path)
+        sock.setblocking(False)
+        self.listener = sock
+        self.selector.register(sock, selectors.EVENT_READ,
+                               (self._on_accept, None))
+
+    def _bind(self, path):
+        scfg = self.cfg["server"]
+        _prepare_socket_dir(path)
+        _remove_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._recover()
-            self._listen()
-            self._maintain_pool()
-            self._start_plugins()
-            self._start_watchdog()
-            self.call_at(self.clock() + self.cfg["scaling"].interval,
-                         self._scale_tick)
-            log.info("lbd %s serving on %s (journal %s, workers %d..%d, "
-                     "handlers: %s)", __version__, self.socket_path,
-                     self.journal.path if self.journal else "off",
-                     self.min_workers, self.max_workers,
-                     ", ".join(self.cfg["workers"].handlers)
-                     or "built-in only")
-            while not self.done:
-                self._step()
-        except LbdError:
-            self._emergency_stop()
-            raise
-        except Exception:
-            log.exception("internal error; stopping the daemon")
-            self._emergency_stop()
-            return 1
-        finally:
-            self._close_listener()
-            if self.journal is not None:
-                self.journal.close()
-        log.info("lbd stopped")
-        return 0
+            sock.bind(path)
+            os.chmod(path, scfg.socket_mode)   # before listen: no window
+            if scfg.socket_group:
+                os.chown(path, -1, _group_id(scfg.socket_group))
+            sock.listen(128)
+        except (OSError, ConfigError) as exc:
+            sock.close()
+            if os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)     # ours, bound a moment ago
+            raise ConfigError(f"cannot listen on {path}: {exc}") from None
+        return sock
 
-    def _step(self):
-        for key, mask in self.selector.select(self._timeout()):
-            handler, obj = key.data
-            handler(obj, mask)
-        if self.reap_needed:
-            self.reap_needed = False
-            self._reap()
-        self._run_due(self.clock())
-        self._dispatch()
-        self._before_sleep()
+    def _close_listener(self):
+        if self.listener is None:
+            return
+        self.selector.unregister(self.listener)
+        self.listener.close()
+        self.listener = None
+        if self.activated:
+            return          # systemd's socket: never unlink it
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
 
-    def _timeout(self):
-        due = [k for k in (self.timers.peek_key(), self.delayed.peek_key(),
-                           self.deadlines.peek_key()) if k is not None]
-        if not due:
-            return None
-        return max(0.0, min(due) - self.clock())
+    def _on_accept(self, _obj, _mask):
+        for _ in range(64):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: log, keep serving
+                log.warning("accept failed: %s", exc)
+                return
+            if len(self.conns) >= self.cfg["server"].max_clients:
+                _refuse(sock, TOO_MANY_CLIENTS, "too many open connections")
+                continue
+            if not self._peer_allowed(sock):
+                continue
+            sock.setblocking(False)
+            conn = Conn(sock)
+            self.conns[conn.fd] = conn
+            self.selector.register(sock, selectors.EVENT_READ,
+                                   (self._on_conn, conn))
 
-    def _run_due(self, now):
-        for task in self.delayed.pop_due(now):
-            task.delay_entry = None
-            self._task_to(task, TaskState.QUEUED)
-            self._enqueue(task)
-        for task in self.deadlines.pop_due(now):
-            task.deadline_entry = None
-            if task.state in (TaskState.QUEUED, TaskState.DELAYED):
-                self._finish(task, TaskState.EXPIRED, error={
-                    "reason": "expired", "type": None, "traceback": None,
-                    "message": "deadline passed before the task could run"})
-        for fn, arg in self.timers.pop_due(now):
-            fn(arg)
+    def _peer_allowed(self, sock):
+        """Check SO_PEERCRED against allowed_uids/gids; refuse the rest."""
+        scfg = self.cfg["server"]
+        if not scfg.allowed_uids and not scfg.allowed_gids:
+            return True
+        pid, uid, gid = peer_credentials(sock)
+        if uid == os.getuid() or uid in scfg.allowed_uids or \
+                gid in scfg.allowed_gids:
+            return True
+        self.refused += 1
+        now = self.clock()
+        if now >= self.refusal_logged + 10.0:
+            log.warning("refused a connection from pid %d uid %d gid %d "
+                        "(%d refused so far)", pid, uid, gid, self.refused)
+            self.refusal_logged = now
+        _refuse(sock, FORBIDDEN, "this user may not use the daemon")
+        return False
 
-    def call_at(self, when, fn, arg=None):
-        """Run ``fn(arg)`` at monotonic ``when``; return the entry."""
-        return self.timers.push(when, (fn, arg))
+    # -- client connections --------------------------------------------------
 
-    def _before_sleep(self):
-        """Group commit: write (and fsync) the journal, then answer."""
-        journal = self.journal
-        written = True
-        if journal is not None and (journal.buf or journal.failed):
-            fresh = journal.fresh
-            written = self._flush_journal()
-            if not written and fresh:
-                # Responses that tell of records not on disk wait for a
-                # write that works.
-                self.held |= self.journal_deps
-                self.dirty -= self.journal_deps
-        self.journal_deps.clear()
-        if written:
-            # Dispatches go out only once their records are written, so a
-            # kill -9 costs at most one duplicate per busy worker.
-            workers, self.worker_dirty = self.worker_dirty, set()
-            for worker in workers:
-                self._flush_worker(worker)
-        dirty, self.dirty = self.dirty, set()
-        for conn in dirty:
-            if conn not in self.held:
-                self._flush_conn(conn)
-        if journal is not None and self.compactor is None and \
-                self.clock() >= self.compact_after and \
-                journal.wants_compaction(self.cfg["journal"].compact_bytes):
-            self._start_compaction()
-        if self.notifier.sock is not None:
-            self._notify_status()
-        if self.stopping and not self.workers and not self.done:
-            self._finish_shutdown()
+    def _on_conn(self, conn, mask):
+        if mask & selectors.EVENT_WRITE:
+            self._flush_conn(conn)
+        if mask & selectors.EVENT_READ and not conn.eof:
+            self._read_conn(conn)
+
+    def _read_conn(self, conn):
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            conn.eof = conn.closing = True
+            line, conn.inbuf = conn.inbuf, b""
+            if line.strip():   # a last request without its newline
+                self._handle_line(conn, line)
+            self._update_events(conn)
+            self._maybe_close(conn)
+            return
+        limit = self.cfg["server"].max_request_bytes
+        lines = (conn.inbuf + data).split(b"\n")
+        conn.inbuf = lines.pop()
+        for line in lines:
+            if len(line) > limit:
+                self._too_large(conn, limit)
+                return
+            if line.strip():
+                self._handle_line(conn, line)
+        if len(conn.inbuf) > limit:
+            self._too_large(conn, limit)
+
+    def _too_large(self, conn, limit):
+        slot = [None]
+        conn.slots.append(slot)
+        self._respond(conn, slot, {"ok": False, "error": TOO_LARGE,
+                                   "message": f"request line longer than "
+                                   f"{limit} bytes; closing"})
+        conn.eof = conn.closing = True
+        conn.inbuf = b""
+        self._update_events(conn)
+
+    def _handle_line(self, conn, line):
+        slot = [None]
+        conn.slots.append(slot)
+        request = None
+        try:
+            request = loads(line)
+            if not isinstance(request, dict):
+                raise _bad("a request must be a JSON object")
+            if not nesting_ok(request):
+                request = None
+                raise _bad(f"request nested deeper than {MAX_NESTING} "
+                           "levels")
+            op = request.get("op")
+            entry = self._ops.get(op) if isinstance(op, str) else None
+            if entry is None:
+                raise RequestError(UNKNOWN_OP, f"unknown op {op!r}"[:200])
+            method, allowed = entry
+            check_fields(request, allowed)
+            before = self.journal.appended if self.journal else 0
+            response = method(conn, request, slot)
+            if self.journal and self.journal.appended != before:
+                self.journal_deps.add(conn)
+        except RequestError as exc:
+            response = {"ok": False, "error": exc.code,
+                        "message": exc.message}
+        except Exception as exc:
+            log.exception("internal error answering a request")
+            response = {"ok": False, "error": INTERNAL,
+                        "message": f"internal error: {exc}"[:500]}
+        if response is None:   # parked: answered later through the slot
+            slot.append(request.get("req"))
+            return
+        if isinstance(request, dict) and "req" in request:
+            response["req"] = request["req"]
+        self._respond(conn, slot, response)
+
+    def _respond(self, conn, slot, response):
+        slot[0] = response
+        self.dirty.add(conn)
+
+    def _answer_parked(self, conn, slot, response):
+        """Fill a parked request's slot (its 'req' is kept in slot[1])."""
+        if len(slot) > 1 and slot[1] is not None:
+            response["req"] = slot[1]
+        slot[0] = response
+        self.dirty.add(conn)
+        self.journal_deps.add(conn)
+
+    def _flush_conn(self, conn):
+        if conn.sock is None:
+            return
+        slots = conn.slots
+        while slots and slots[0][0] is not None:
+            try:
+                conn.outbuf += dumps(slots.popleft()[0])
+            except (TypeError, ValueError) as exc:
+                conn.outbuf += dumps({"ok": False, "error": INTERNAL,
+                                      "message": f"unencodable: {exc}"})
+        if conn.outbuf:
+            try:
+                sent = conn.sock.send(conn.outbuf)
+                del conn.outbuf[:sent]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self._close_conn(conn)
+                return
+        if len(conn.outbuf) > self.cfg["server"].max_output_bytes:
+            log.warning("client fd %d does not read its responses "
+                        "(%d bytes owed); disconnecting", conn.fd,
+                        len(conn.outbuf))
+            self._close_conn(conn)
+            return
+        self._update_events(conn)
+        self._maybe_close(conn)
+
+    def _update_events(self, conn):
+        if conn.sock is None:
+            return
+        events = 0 if conn.eof else selectors.EVENT_READ
+        if conn.outbuf:
+            events |= selectors.EVENT_WRITE
+        if events == conn.events:
+            return
+        data = (self._on_conn, conn)
+        if not conn.events:
+            self.selector.register(conn.sock, events, data)
+        elif not events:
+            self.selector.unregister(conn.sock)
+        else:
+            self.selector.modify(conn.sock, events, data)
+        conn.events = events
+
+    def _maybe_close(self, conn):
+        if conn.closing and not conn.outbuf and not conn.slots:
+            self._close_conn(conn)
+
+    def _close_conn(self, conn):
+        if conn.sock is None:
+            return
+        for tid in conn.waits.values():
+            parked = self.waiters.get(tid)
+            if parked:
+                parked[:] = [(c, s) for c, s in parked if c is not conn]
+                if not parked:
+                    del self.waiters[tid]
+        conn.waits.clear()
+        if conn.events:
+            self.selector.unregister(conn.sock)
+        conn.sock.close()
+        conn.sock = None
+        self.conns.pop(conn.fd, None)
+        self.dirty.discard(conn)
+
+
+###############################################################################
+# Master: journal #############################################################
+###############################################################################
+
+
+class _Journaling:
+    """Group commit, recovery and compaction, as the loop drives them."""
 
     # -- the journal ---------------------------------------------------------
 
@@ -2359,693 +2529,14 @@ class Master:
             self.journal.abandon_snapshot(self.compactor)
             self.compactor = None
 
-    # -- plugins -------------------------------------------------------------
 
-    def _start_plugins(self):
-        pcfg = self.cfg["plugins"]
-        specs = ([(pcfg.policy, "policy")] if pcfg.policy else []) + [
-            (spec, "sink") for spec in pcfg.sinks]
-        for spec, kind in specs:
-            host = PluginHost(spec, kind)
-            self.plugins.append(host)
-            self._spawn_plugin(host)
+###############################################################################
+# Master: tasks ###############################################################
+###############################################################################
 
-    def _spawn_plugin(self, host):
-        options = self.cfg["plugins"].options.get(plugin_name(host.spec), {})
-        pid, parent_sock = self._fork_child(
-            lambda sock, _master: _plugin_main(sock, host.kind, host.spec,
-                                               options))
-        host.pid, host.sock = pid, parent_sock
-        self.selector.register(parent_sock, selectors.EVENT_READ,
-                               (self._on_plugin, host))
-        log.info("plugin %s (%s) started, pid %d", host.spec, host.kind, pid)
 
-    def _policy_host(self):
-        for host in self.plugins:
-            if host.kind == "policy" and not host.disabled:
-                return host
-        return None
-
-    def _ask_policy(self, host, snap, bounds, now):
-        if host.asked_at is not None:
-            if now - host.asked_at > self.cfg["plugins"].timeout:
-                self._disable_plugin(host, "did not answer within "
-                                     f"{self.cfg['plugins'].timeout:g} s")
-                self._decide(self.policy(snap, bounds), "default policy",
-                             self.policy.reason)
-            return
-        host.seq += 1
-        host.asked_at = now
-        self._plugin_send(host, {"t": "snap", "s": snap, "b": bounds,
-                                 "seq": host.seq})
-
-    def _emit(self, event):
-        event["at"] = self.wall()
-        for host in self.plugins:
-            if host.kind == "sink":
-                self._plugin_send(host, {"t": "ev", "e": event})
-
-    def _plugin_send(self, host, msg):
-        if host.disabled or host.sock is None:
-            return
-        data = dumps(msg)
-        if host.outbuf and len(host.outbuf) + len(data) > \
-                self.cfg["plugins"].buffer_bytes:
-            host.dropped += 1
-            if host.dropped in (1, 100) or host.dropped % 10000 == 0:
-                log.warning("plugin %s falls behind: %d message(s) dropped",
-                            host.spec, host.dropped)
-            return
-        host.outbuf += data
-        self._flush_plugin(host)
-
-    def _flush_plugin(self, host):
-        try:
-            sent = host.sock.send(host.outbuf)
-            del host.outbuf[:sent]
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError:
-            self._read_plugin(host)     # it may have said why, first
-            self._disable_plugin(host, "its process went away")
-            return
-        writing = bool(host.outbuf)
-        if writing != host.writing:
-            events = selectors.EVENT_READ | (
-                selectors.EVENT_WRITE if writing else 0)
-            self.selector.modify(host.sock, events, (self._on_plugin, host))
-            host.writing = writing
-
-    def _on_plugin(self, host, mask):
-        if mask & selectors.EVENT_WRITE and host.sock is not None:
-            self._flush_plugin(host)
-        if mask & selectors.EVENT_READ and host.sock is not None:
-            if not self._read_plugin(host):
-                self._disable_plugin(host, "its process exited")
-
-    def _read_plugin(self, host):
-        """Handle what the plugin sent; return False at end of stream."""
-        try:
-            data = host.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return True
-        except OSError:
-            data = b""
-        if not data:
-            return False
-        lines = (host.inbuf + data).split(b"\n")
-        host.inbuf = lines.pop()
-        for line in lines:
-            try:
-                msg = json.loads(line)
-            except (ValueError, RecursionError):
-                self._disable_plugin(host, "it sent a line that is not JSON")
-                return True
-            self._plugin_message(host, msg)
-            if host.sock is None:
-                break
-        return True
-
-    def _plugin_message(self, host, msg):
-        if msg["t"] == "error":
-            log.error("plugin %s raised: %s\n%s", host.spec, msg["message"],
-                      msg.get("traceback", ""))
-            self._disable_plugin(host, f"raised {msg['message']}")
-        elif msg["t"] == "want" and msg.get("seq") == host.seq:
-            host.asked_at = None
-            want = msg["n"]
-            if isinstance(want, bool) or not isinstance(want, int):
-                self._disable_plugin(host, f"returned {want!r}, not an int")
-                return
-            self._decide(want, f"policy {host.spec}", "plugin decision")
-
-    def _disable_plugin(self, host, why):
-        if host.disabled:
-            return
-        host.disabled = True
-        host.error = why
-        log.error("plugin %s disabled: %s%s", host.spec, why,
-                  "; the default policy takes over"
-                  if host.kind == "policy" else "")
-        self._close_plugin(host)
-
-    def _close_plugin(self, host):
-        if host.sock is not None:
-            self.selector.unregister(host.sock)
-            host.sock.close()
-            host.sock = None
-        if host.pid is not None:
-            _signal_pid(host.pid, signal.SIGKILL)
-            self.reap_needed = True
-
-    def _reload_plugins(self):
-        """SIGHUP: start every plugin afresh, re-reading its code."""
-        for host in self.plugins:
-            host.disabled = True
-            self._close_plugin(host)
-        self.plugins = []
-        self._start_plugins()
-
-    def _stop_plugins(self, grace=0.0):
-        """End every plugin: ask it to stop, give it ``grace``, then kill."""
-        for host in self.plugins:
-            if host.sock is not None and not host.disabled and grace:
-                try:
-                    host.sock.setblocking(True)
-                    host.sock.settimeout(grace)
-                    host.sock.sendall(bytes(host.outbuf) + dumps({"t": "stop"}))
-                except OSError:
-                    pass
-        deadline = time.monotonic() + grace
-        for host in self.plugins:
-            while host.pid is not None and time.monotonic() < deadline:
-                try:
-                    if os.waitpid(host.pid, os.WNOHANG)[0]:
-                        host.pid = None
-                except ChildProcessError:
-                    host.pid = None
-                if host.pid is not None:
-                    time.sleep(0.005)   # shutting down: nothing else to do
-            host.disabled = True
-            self._close_plugin(host)
-            if host.pid is not None:
-                try:
-                    os.waitpid(host.pid, 0)
-                except ChildProcessError:
-                    pass
-                host.pid = None
-
-    # -- reload --------------------------------------------------------------
-
-    #: Keys a running daemon cannot change: they need a restart.
-    RESTART_KEYS = (("server", "socket"), ("journal", "path"),
-                    ("tasks", "aging_rate"))
-
-    def reload(self):
-        """Re-read the config, apply it, then roll the workers.
-
-        Returns (applied, message). An invalid config changes nothing.
-        """
-        self.notifier.send(RELOADING=1, MONOTONIC_USEC=time.clock_gettime_ns(
-            time.CLOCK_MONOTONIC) // 1000)
-        try:
-            new = load_config(self.config_path, self.overrides)
-        except ConfigError as exc:
-            log.error("reload rejected; the old configuration stays: %s",
-                      exc)
-            self.notifier.send(READY=1, STATUS=f"reload rejected: {exc}")
-            return False, str(exc)
-        kept = []
-        for section, key in self.RESTART_KEYS:
-            old = getattr(self.cfg[section], key)
-            if getattr(new[section], key) != old:
-                kept.append(f"{section}.{key}")
-                setattr(new[section], key, old)
-        if kept:
-            log.warning("reload: %s need(s) a restart; keeping the running "
-                        "value(s)", ", ".join(kept))
-        self._apply_config(new)
-        self.notifier.send(READY=1, STATUS="reloaded")
-        message = "reloaded; rolling workers to generation " \
-            f"{self.generation}"
-        if kept:
-            message += f" ({', '.join(kept)} need a restart)"
-        log.info("%s", message)
-        return True, message
-
-    def _apply_config(self, new):
-        old, self.cfg = self.cfg, new
-        if self.journal is not None:
-            self.journal.mode = new["journal"].fsync
-            self.journal.interval = new["journal"].fsync_interval
-        scfg = new["scaling"]
-        if (scfg.window, scfg.interval) != (old["scaling"].window,
-                                            old["scaling"].interval):
-            self._init_metrics(scfg)
-        else:
-            self.policy = DefaultPolicy(scfg.target_queue_wait,
-                                        scfg.target_utilization,
-                                        scfg.scale_in_delay, scfg.tolerance)
-        self.min_workers = new["workers"].min
-        self.max_workers = new["workers"].max
-        self.target = max(self.min_workers, min(self.max_workers,
-                                                self.target))
-        self.known_handlers = None
-        self._reload_plugins()
-        self.generation += 1
-        self.spawn_after = 0.0
-        self._maintain_pool()
-
-    # -- systemd -------------------------------------------------------------
-
-    def _start_watchdog(self):
-        if self.notifier.watchdog is not None:
-            log.info("systemd watchdog: pinging every %.3f s",
-                     self.notifier.watchdog)
-            self._watchdog_ping()
-
-    def _watchdog_ping(self, _arg=None):
-        self.notifier.send(WATCHDOG=1)
-        self.call_at(self.clock() + self.notifier.watchdog,
-                     self._watchdog_ping)
-
-    def _notify_status(self, _arg=None):
-        """Send STATUS= when it changed, at most once a second."""
-        if _arg is not None:
-            self.status_timer = None
-        live = sum(1 for w in self.workers.values()
-                   if w.state in LIVE_WORKER_STATES)
-        text = (f"{len(self.ready)} ready, {len(self.delayed)} delayed, "
-                f"{self.running_count} running; {live} worker(s), "
-                f"{self.by_state[WorkerState.IDLE]} idle")
-        last, when = self.status_sent
-        if text == last:
-            return
-        now = self.clock()
-        if now - when >= 1.0:
-            self.notifier.send(STATUS=text)
-            self.status_sent = (text, now)
-        elif self.status_timer is None:
-            self.status_timer = self.call_at(when + 1.0, self._notify_status,
-                                             True)
-
-    # -- signals -------------------------------------------------------------
-
-    def _install_signals(self):
-        self.wake_r, self.wake_w = socket.socketpair()
-        self.wake_r.setblocking(False)
-        self.wake_w.setblocking(False)
-        signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
-        for signum in self._signals:
-            signal.signal(signum, _ignore_signal)
-        self.selector.register(self.wake_r, selectors.EVENT_READ,
-                               (self._on_wakeup, None))
-
-    def _on_wakeup(self, _obj, _mask):
-        try:
-            data = self.wake_r.recv(4096)
-        except BlockingIOError:
-            return
-        for signum in data:
-            handler = self._signals.get(signum)
-            if handler is not None:
-                handler(signum)
-
-    def _on_term(self, signum=None):
-        if self.stopping:
-            log.info("second stop signal: skipping the grace period")
-            self._stop_now()
-        else:
-            self.begin_shutdown()
-
-    def _on_chld(self, _signum):
-        self.reap_needed = True
-
-    def _on_hup(self, _signum):
-        log.info("SIGHUP: reloading the configuration")
-        self.reload()
-
-    def _on_ttin(self, _signum):
-        self._set_target(self.target + 1, "SIGTTIN")
-
-    def _on_ttou(self, _signum):
-        self._set_target(self.target - 1, "SIGTTOU")
-
-    # -- the listening socket ------------------------------------------------
-
-    def _listen(self):
-        """Bind (or adopt systemd's socket) with its mode set before listen."""
-        sock = activated_socket()
-        if sock is not None:
-            self.activated = True
-            self.socket_path = sock.getsockname() or "(activated)"
-            log.info("using the socket systemd passed: %s", self.socket_path)
-        else:
-            sock = self._bind(self.socket_path)
-        sock.setblocking(False)
-        self.listener = sock
-        self.selector.register(sock, selectors.EVENT_READ,
-                               (self._on_accept, None))
-
-    def _bind(self, path):
-        scfg = self.cfg["server"]
-        _prepare_socket_dir(path)
-        _remove_stale_socket(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(path)
-            os.chmod(path, scfg.socket_mode)   # before listen: no window
-            if scfg.socket_group:
-                os.chown(path, -1, _group_id(scfg.socket_group))
-            sock.listen(128)
-        except (OSError, ConfigError) as exc:
-            sock.close()
-            if os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)     # ours, bound a moment ago
-            raise ConfigError(f"cannot listen on {path}: {exc}") from None
-        return sock
-
-    def _close_listener(self):
-        if self.listener is None:
-            return
-        self.selector.unregister(self.listener)
-        self.listener.close()
-        self.listener = None
-        if self.activated:
-            return          # systemd's socket: never unlink it
-        try:
-            os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
-
-    def _on_accept(self, _obj, _mask):
-        for _ in range(64):
-            try:
-                sock, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE and friends: log, keep serving
-                log.warning("accept failed: %s", exc)
-                return
-            if len(self.conns) >= self.cfg["server"].max_clients:
-                _refuse(sock, TOO_MANY_CLIENTS, "too many open connections")
-                continue
-            if not self._peer_allowed(sock):
-                continue
-            sock.setblocking(False)
-            conn = Conn(sock)
-            self.conns[conn.fd] = conn
-            self.selector.register(sock, selectors.EVENT_READ,
-                                   (self._on_conn, conn))
-
-    def _peer_allowed(self, sock):
-        """Check SO_PEERCRED against allowed_uids/gids; refuse the rest."""
-        scfg = self.cfg["server"]
-        if not scfg.allowed_uids and not scfg.allowed_gids:
-            return True
-        pid, uid, gid = peer_credentials(sock)
-        if uid == os.getuid() or uid in scfg.allowed_uids or \
-                gid in scfg.allowed_gids:
-            return True
-        self.refused += 1
-        now = self.clock()
-        if now >= self.refusal_logged + 10.0:
-            log.warning("refused a connection from pid %d uid %d gid %d "
-                        "(%d refused so far)", pid, uid, gid, self.refused)
-            self.refusal_logged = now
-        _refuse(sock, FORBIDDEN, "this user may not use the daemon")
-        return False
-
-    # -- client connections --------------------------------------------------
-
-    def _on_conn(self, conn, mask):
-        if mask & selectors.EVENT_WRITE:
-            self._flush_conn(conn)
-        if mask & selectors.EVENT_READ and not conn.eof:
-            self._read_conn(conn)
-
-    def _read_conn(self, conn):
-        try:
-            data = conn.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            conn.eof = conn.closing = True
-            line, conn.inbuf = conn.inbuf, b""
-            if line.strip():   # a last request without its newline
-                self._handle_line(conn, line)
-            self._update_events(conn)
-            self._maybe_close(conn)
-            return
-        limit = self.cfg["server"].max_request_bytes
-        lines = (conn.inbuf + data).split(b"\n")
-        conn.inbuf = lines.pop()
-        for line in lines:
-            if len(line) > limit:
-                self._too_large(conn, limit)
-                return
-            if line.strip():
-                self._handle_line(conn, line)
-        if len(conn.inbuf) > limit:
-            self._too_large(conn, limit)
-
-    def _too_large(self, conn, limit):
-        slot = [None]
-        conn.slots.append(slot)
-        self._respond(conn, slot, {"ok": False, "error": TOO_LARGE,
-                                     "message": f"request line longer than "
-                                     f"{limit} bytes; closing"})
-        conn.eof = conn.closing = True
-        conn.inbuf = b""
-        self._update_events(conn)
-
-    def _handle_line(self, conn, line):
-        slot = [None]
-        conn.slots.append(slot)
-        request = None
-        try:
-            request = loads(line)
-            if not isinstance(request, dict):
-                raise _bad("a request must be a JSON object")
-            if not nesting_ok(request):
-                request = None
-                raise _bad(f"request nested deeper than {MAX_NESTING} "
-                           "levels")
-            op = request.get("op")
-            entry = self._ops.get(op) if isinstance(op, str) else None
-            if entry is None:
-                raise RequestError(UNKNOWN_OP, f"unknown op {op!r}"[:200])
-            method, allowed = entry
-            check_fields(request, allowed)
-            before = self.journal.appended if self.journal else 0
-            response = method(conn, request, slot)
-            if self.journal and self.journal.appended != before:
-                self.journal_deps.add(conn)
-        except RequestError as exc:
-            response = {"ok": False, "error": exc.code,
-                        "message": exc.message}
-        except Exception as exc:
-            log.exception("internal error answering a request")
-            response = {"ok": False, "error": INTERNAL,
-                        "message": f"internal error: {exc}"[:500]}
-        if response is None:   # parked: answered later through the slot
-            slot.append(request.get("req"))
-            return
-        if isinstance(request, dict) and "req" in request:
-            response["req"] = request["req"]
-        self._respond(conn, slot, response)
-
-    def _respond(self, conn, slot, response):
-        slot[0] = response
-        self.dirty.add(conn)
-
-    def _answer_parked(self, conn, slot, response):
-        """Fill a parked request's slot (its 'req' is kept in slot[1])."""
-        if len(slot) > 1 and slot[1] is not None:
-            response["req"] = slot[1]
-        slot[0] = response
-        self.dirty.add(conn)
-        self.journal_deps.add(conn)
-
-    def _flush_conn(self, conn):
-        if conn.sock is None:
-            return
-        slots = conn.slots
-        while slots and slots[0][0] is not None:
-            try:
-                conn.outbuf += dumps(slots.popleft()[0])
-            except (TypeError, ValueError) as exc:
-                conn.outbuf += dumps({"ok": False, "error": INTERNAL,
-                                      "message": f"unencodable: {exc}"})
-        if conn.outbuf:
-            try:
-                sent = conn.sock.send(conn.outbuf)
-                del conn.outbuf[:sent]
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                self._close_conn(conn)
-                return
-        if len(conn.outbuf) > self.cfg["server"].max_output_bytes:
-            log.warning("client fd %d does not read its responses "
-                        "(%d bytes owed); disconnecting", conn.fd,
-                        len(conn.outbuf))
-            self._close_conn(conn)
-            return
-        self._update_events(conn)
-        self._maybe_close(conn)
-
-    def _update_events(self, conn):
-        if conn.sock is None:
-            return
-        events = 0 if conn.eof else selectors.EVENT_READ
-        if conn.outbuf:
-            events |= selectors.EVENT_WRITE
-        if events == conn.events:
-            return
-        data = (self._on_conn, conn)
-        if not conn.events:
-            self.selector.register(conn.sock, events, data)
-        elif not events:
-            self.selector.unregister(conn.sock)
-        else:
-            self.selector.modify(conn.sock, events, data)
-        conn.events = events
-
-    def _maybe_close(self, conn):
-        if conn.closing and not conn.outbuf and not conn.slots:
-            self._close_conn(conn)
-
-    def _close_conn(self, conn):
-        if conn.sock is None:
-            return
-        for tid in conn.waits.values():
-            parked = self.waiters.get(tid)
-            if parked:
-                parked[:] = [(c, s) for c, s in parked if c is not conn]
-                if not parked:
-                    del self.waiters[tid]
-        conn.waits.clear()
-        if conn.events:
-            self.selector.unregister(conn.sock)
-        conn.sock.close()
-        conn.sock = None
-        self.conns.pop(conn.fd, None)
-        self.dirty.discard(conn)
-
-    # -- metrics and state bookkeeping ---------------------------------------
-
-    def _init_metrics(self, scfg):
-        now = self.clock()
-        slots = max(1, round(scfg.window / scfg.interval))
-        tau = max(scfg.interval, scfg.window / 6)
-        self.arrivals = Rate(tau, now)
-        self.completions = Rate(tau, now)
-        self.queue_wait = WindowHistogram(slots)
-        self.run_time = WindowHistogram(slots)
-        self.meter = BusyMeter(now, slots)
-        self.window_seconds = (0.0, 0.0)    # (busy, live) at the last tick
-        self.ready_fifo = collections.deque()   # (queued at, task): oldest
-        self.by_state = collections.Counter()
-        self.policy = DefaultPolicy(scfg.target_queue_wait,
-                                    scfg.target_utilization,
-                                    scfg.scale_in_delay, scfg.tolerance)
-
-    def _worker_to(self, worker, new):
-        """The one way a worker's state changes: table, counts, events."""
-        old = transition(WORKER_TRANSITIONS, worker, new)
-        by_state = self.by_state
-        if old is not None:
-            by_state[old] -= 1
-        by_state[new] += 1
-        self._meter_workers()
-        if self.plugins:
-            self._emit({"kind": "worker", "id": worker.id, "pid": worker.pid,
-                        "state": new, "from": old})
-        return old
-
-    def _forget_worker(self, worker):
-        self.by_state[worker.state] -= 1
-        del self.workers[worker.id]
-        self._meter_workers()
-
-    def _meter_workers(self):
-        by_state = self.by_state
-        busy = by_state[WorkerState.BUSY] + by_state[WorkerState.DRAINING]
-        self.meter.set(self.clock(), busy, busy + by_state[WorkerState.IDLE])
-
-    def _enqueue(self, task):
-        now = self.clock()
-        self.ready_by_priority[task.priority] += 1
-        task.queued_mono = now
-        task.entry = self.ready.push_task(task)
-        self.ready_fifo.append((now, task))
-
-    def oldest_wait(self, now):
-        """Seconds the longest-waiting ready task has waited (amortized O(1))."""
-        fifo = self.ready_fifo
-        while fifo:
-            stamp, task = fifo[0]
-            if task.state is TaskState.QUEUED and task.queued_mono == stamp:
-                return now - stamp
-            fifo.popleft()
-        return 0.0
-
-    def snapshot(self):
-        """The metrics snapshot: what `metrics` returns and policies see."""
-        now = self.clock()
-        busy_s, live_s = self.window_seconds
-        completed = self.run_time.summary()
-        live = sum(self.by_state[s] for s in (
-            WorkerState.IDLE, WorkerState.BUSY, WorkerState.DRAINING))
-        return {
-            "clock": now, "at": self.wall(),
-            "queue": {"ready": len(self.ready), "delayed": len(self.delayed),
-                      "running": self.running_count},
-            "oldest_wait": self.oldest_wait(now),
-            "arrival_rate": self.arrivals.get(now),
-            "completion_rate": self.completions.get(now),
-            "workers": {s.value: self.by_state[s] for s in WorkerState},
-            "live_workers": live,
-            "busy_workers": self.meter.busy,
-            "utilization": busy_s / live_s if live_s > 0 else None,
-            "service_rate": completed["count"] / busy_s if busy_s > 0 and
-            completed["count"] else None,
-            "queue_wait": self.queue_wait.summary(),
-            "run_time": completed,
-            "queue_wait_histogram": self.queue_wait.cumulative(),
-            "run_time_histogram": self.run_time.cumulative(),
-            "counters": dict(self.counters),
-            "tasks_retained": len(self.tasks),
-            "min_workers": self.min_workers, "max_workers": self.max_workers,
-            "target_workers": self.target,
-            "last_decision": self.last_decision,
-            "plugins": [host.view() for host in self.plugins],
-        }
-
-    def _bounds(self):
-        current = sum(1 for w in self.workers.values()
-                      if w.state in LIVE_WORKER_STATES)
-        return {"min": self.min_workers, "max": self.max_workers,
-                "current": current, "target": self.target}
-
-    def _scale_tick(self, _arg=None):
-        """Every interval: close a metrics slot, decide, tell the plugins."""
-        scfg = self.cfg["scaling"]
-        now = self.clock()
-        self.call_at(now + scfg.interval, self._scale_tick)
-        self.queue_wait.rotate()
-        self.run_time.rotate()
-        self.window_seconds = self.meter.sample(now)
-        if self.stopping:
-            return
-        snap = self.snapshot()
-        bounds = self._bounds()
-        policy = self._policy_host()
-        if self.max_workers > self.min_workers:
-            if policy is not None:
-                self._ask_policy(policy, snap, bounds, now)
-            else:
-                self._decide(self.policy(snap, bounds), "default policy",
-                             self.policy.reason)
-        for host in self.plugins:
-            if host.kind == "sink":
-                self._plugin_send(host, {"t": "snap", "s": snap})
-
-    def _decide(self, want, source, reason):
-        want = max(self.min_workers, min(self.max_workers, want))
-        if want == self.target:
-            log.debug("scaling: hold at %d (%s): %s", want, source, reason)
-            return
-        direction = "out" if want > self.target else "in"
-        log.info("scaling %s: target %d -> %d (%s): %s", direction,
-                 self.target, want, source, reason)
-        self.last_decision = {"at": self.wall(), "from": self.target,
-                              "to": want, "source": source,
-                              "reason": reason}
-        self._set_target(want, source)
+class _Tasks:
+    """Task state changes, retries, retention and dispatch."""
 
     # -- tasks ---------------------------------------------------------------
 
@@ -3249,6 +2740,15 @@ class Master:
                             "dl": task.deadline_at})
         self._arm_check(worker, worker.attempt_deadline)
 
+
+###############################################################################
+# Master: workers #############################################################
+###############################################################################
+
+
+class _Workers:
+    """Forking workers and handling what they say."""
+
     # -- workers: spawning ---------------------------------------------------
 
     def _maintain_pool(self):
@@ -3356,9 +2856,10 @@ class Master:
             self.journal.close_in_child()
         self.selector.close()
         logging.getLogger().handlers.clear()
-        logging.basicConfig(level=log.getEffectiveLevel(), format=
-                            "%(asctime)s lbd-worker[%(process)d] "
-                            "%(levelname)s %(message)s")
+        logging.basicConfig(
+            level=log.getEffectiveLevel(),
+            format="%(asctime)s lbd-worker[%(process)d] %(levelname)s "
+                   "%(message)s")
 
     # -- workers: messages ---------------------------------------------------
 
@@ -3500,6 +3001,15 @@ class Master:
             self._maintain_pool()
         else:
             self._to_idle(worker)
+
+
+###############################################################################
+# Master: supervision #########################################################
+###############################################################################
+
+
+class _Supervision:
+    """Deadlines, kills, reaping, and the size of the pool."""
 
     # -- workers: stopping and killing ---------------------------------------
 
@@ -3709,55 +3219,490 @@ class Master:
         elif worker.state is WorkerState.STARTING:
             self._kill_worker(worker, "retired", WorkerState.STOPPING)
 
-    # -- shutdown ------------------------------------------------------------
 
-    def begin_shutdown(self):
-        """Stop taking submits; let running tasks finish within stop_grace."""
+###############################################################################
+# Master: metrics and scaling #################################################
+###############################################################################
+
+
+class _Scaling:
+    """State counts, the metrics snapshot and the scaling tick."""
+
+    # -- metrics and state bookkeeping ---------------------------------------
+
+    def _init_metrics(self, scfg):
+        now = self.clock()
+        slots = max(1, round(scfg.window / scfg.interval))
+        tau = max(scfg.interval, scfg.window / 6)
+        self.arrivals = Rate(tau, now)
+        self.completions = Rate(tau, now)
+        self.queue_wait = WindowHistogram(slots)
+        self.run_time = WindowHistogram(slots)
+        self.meter = BusyMeter(now, slots)
+        self.window_seconds = (0.0, 0.0)    # (busy, live) at the last tick
+        self.ready_fifo = collections.deque()   # (queued at, task): oldest
+        self.by_state = collections.Counter()
+        self.policy = DefaultPolicy(scfg.target_queue_wait,
+                                    scfg.target_utilization,
+                                    scfg.scale_in_delay, scfg.tolerance)
+
+    def _worker_to(self, worker, new):
+        """The one way a worker's state changes: table, counts, events."""
+        old = transition(WORKER_TRANSITIONS, worker, new)
+        by_state = self.by_state
+        if old is not None:
+            by_state[old] -= 1
+        by_state[new] += 1
+        self._meter_workers()
+        if self.plugins:
+            self._emit({"kind": "worker", "id": worker.id, "pid": worker.pid,
+                        "state": new, "from": old})
+        return old
+
+    def _forget_worker(self, worker):
+        self.by_state[worker.state] -= 1
+        del self.workers[worker.id]
+        self._meter_workers()
+
+    def _meter_workers(self):
+        by_state = self.by_state
+        busy = by_state[WorkerState.BUSY] + by_state[WorkerState.DRAINING]
+        self.meter.set(self.clock(), busy, busy + by_state[WorkerState.IDLE])
+
+    def _enqueue(self, task):
+        now = self.clock()
+        self.ready_by_priority[task.priority] += 1
+        task.queued_mono = now
+        task.entry = self.ready.push_task(task)
+        self.ready_fifo.append((now, task))
+
+    def oldest_wait(self, now):
+        """Seconds the oldest ready task has waited; O(1) amortized."""
+        fifo = self.ready_fifo
+        while fifo:
+            stamp, task = fifo[0]
+            if task.state is TaskState.QUEUED and task.queued_mono == stamp:
+                return now - stamp
+            fifo.popleft()
+        return 0.0
+
+    def snapshot(self):
+        """The metrics snapshot: what `metrics` returns and policies see."""
+        now = self.clock()
+        busy_s, live_s = self.window_seconds
+        completed = self.run_time.summary()
+        live = sum(self.by_state[s] for s in (
+            WorkerState.IDLE, WorkerState.BUSY, WorkerState.DRAINING))
+        return {
+            "clock": now, "at": self.wall(),
+            "queue": {"ready": len(self.ready), "delayed": len(self.delayed),
+                      "running": self.running_count},
+            "oldest_wait": self.oldest_wait(now),
+            "arrival_rate": self.arrivals.get(now),
+            "completion_rate": self.completions.get(now),
+            "workers": {s.value: self.by_state[s] for s in WorkerState},
+            "live_workers": live,
+            "busy_workers": self.meter.busy,
+            "utilization": busy_s / live_s if live_s > 0 else None,
+            "service_rate": completed["count"] / busy_s if busy_s > 0 and
+            completed["count"] else None,
+            "queue_wait": self.queue_wait.summary(),
+            "run_time": completed,
+            "queue_wait_histogram": self.queue_wait.cumulative(),
+            "run_time_histogram": self.run_time.cumulative(),
+            "counters": dict(self.counters),
+            "tasks_retained": len(self.tasks),
+            "min_workers": self.min_workers, "max_workers": self.max_workers,
+            "target_workers": self.target,
+            "last_decision": self.last_decision,
+            "plugins": [host.view() for host in self.plugins],
+        }
+
+    def _bounds(self):
+        current = sum(1 for w in self.workers.values()
+                      if w.state in LIVE_WORKER_STATES)
+        return {"min": self.min_workers, "max": self.max_workers,
+                "current": current, "target": self.target}
+
+    def _scale_tick(self, _arg=None):
+        """Every interval: close a metrics slot, decide, tell the plugins."""
+        scfg = self.cfg["scaling"]
+        now = self.clock()
+        self.call_at(now + scfg.interval, self._scale_tick)
+        self.queue_wait.rotate()
+        self.run_time.rotate()
+        self.window_seconds = self.meter.sample(now)
         if self.stopping:
             return
-        self.stopping = True
-        self.notifier.send(STOPPING=1, STATUS="stopping")
-        grace = self.cfg["workers"].stop_grace
-        log.info("shutting down: %d running task(s) get up to %g s",
-                 self.running_count, grace)
-        self.timers.remove(self.spawn_timer)
-        for worker in list(self.workers.values()):
-            if worker.state is WorkerState.STARTING:
-                self._kill_worker(worker, "shutdown", WorkerState.STOPPING)
-            elif worker.state is not WorkerState.STOPPING:
-                self.retire(worker)
-        self.stop_deadline = self.call_at(self.clock() + grace,
-                                          self._stop_now)
+        snap = self.snapshot()
+        bounds = self._bounds()
+        policy = self._policy_host()
+        if self.max_workers > self.min_workers:
+            if policy is not None:
+                self._ask_policy(policy, snap, bounds, now)
+            else:
+                self._decide(self.policy(snap, bounds), "default policy",
+                             self.policy.reason)
+        for host in self.plugins:
+            if host.kind == "sink":
+                self._plugin_send(host, {"t": "snap", "s": snap})
 
-    def _stop_now(self, _arg=None):
-        """The grace is over: kill what still runs; its tasks re-queue."""
-        for worker in list(self.workers.values()):
-            if worker.kill_reason is None:
-                self._kill_worker(worker, "shutdown", WorkerState.STOPPING)
+    def _decide(self, want, source, reason):
+        want = max(self.min_workers, min(self.max_workers, want))
+        if want == self.target:
+            log.debug("scaling: hold at %d (%s): %s", want, source, reason)
+            return
+        direction = "out" if want > self.target else "in"
+        log.info("scaling %s: target %d -> %d (%s): %s", direction,
+                 self.target, want, source, reason)
+        self.last_decision = {"at": self.wall(), "from": self.target,
+                              "to": want, "source": source,
+                              "reason": reason}
+        self._set_target(want, source)
 
-    def _finish_shutdown(self):
-        for tid in list(self.waiters):
-            for conn, slot in self.waiters.pop(tid):
-                self._answer_parked(conn, slot, {
-                    "ok": False, "error": SHUTTING_DOWN,
-                    "message": "the daemon shut down before the task ended"})
-        self._stop_compactor()
-        self._stop_plugins(grace=min(2.0, self.cfg["plugins"].timeout))
-        if self.journal is not None and self._flush_journal():
-            self.journal.sync()
-        for conn in list(self.dirty):
-            self._flush_conn(conn)
-        self.done = True
 
-    def _emergency_stop(self):
-        for worker in self.workers.values():
-            _signal_pid(worker.pid, signal.SIGKILL)
-        self._stop_compactor()
-        self._stop_plugins()
+###############################################################################
+# Master: plugins #############################################################
+###############################################################################
 
-    # == Commands =============================================================
-    # One method per op: (conn, request, slot) -> response, or None when the
-    # request is parked and answered later through its slot.
+
+class _Plugins:
+    """Plugin processes: start, feed, listen, disable, reload."""
+
+    # -- plugins -------------------------------------------------------------
+
+    def _start_plugins(self):
+        pcfg = self.cfg["plugins"]
+        specs = ([(pcfg.policy, "policy")] if pcfg.policy else []) + [
+            (spec, "sink") for spec in pcfg.sinks]
+        for spec, kind in specs:
+            host = PluginHost(spec, kind)
+            self.plugins.append(host)
+            self._spawn_plugin(host)
+
+    def _spawn_plugin(self, host):
+        options = self.cfg["plugins"].options.get(plugin_name(host.spec), {})
+        pid, parent_sock = self._fork_child(
+            lambda sock, _master: _plugin_main(sock, host.kind, host.spec,
+                                               options))
+        host.pid, host.sock = pid, parent_sock
+        self.selector.register(parent_sock, selectors.EVENT_READ,
+                               (self._on_plugin, host))
+        log.info("plugin %s (%s) started, pid %d", host.spec, host.kind, pid)
+
+    def _policy_host(self):
+        for host in self.plugins:
+            if host.kind == "policy" and not host.disabled:
+                return host
+        return None
+
+    def _ask_policy(self, host, snap, bounds, now):
+        if host.asked_at is not None:
+            if now - host.asked_at > self.cfg["plugins"].timeout:
+                self._disable_plugin(host, "did not answer within "
+                                     f"{self.cfg['plugins'].timeout:g} s")
+                self._decide(self.policy(snap, bounds), "default policy",
+                             self.policy.reason)
+            return
+        host.seq += 1
+        host.asked_at = now
+        self._plugin_send(host, {"t": "snap", "s": snap, "b": bounds,
+                                 "seq": host.seq})
+
+    def _emit(self, event):
+        event["at"] = self.wall()
+        for host in self.plugins:
+            if host.kind == "sink":
+                self._plugin_send(host, {"t": "ev", "e": event})
+
+    def _plugin_send(self, host, msg):
+        if host.disabled or host.sock is None:
+            return
+        data = dumps(msg)
+        if host.outbuf and len(host.outbuf) + len(data) > \
+                self.cfg["plugins"].buffer_bytes:
+            host.dropped += 1
+            if host.dropped in (1, 100) or host.dropped % 10000 == 0:
+                log.warning("plugin %s falls behind: %d message(s) dropped",
+                            host.spec, host.dropped)
+            return
+        host.outbuf += data
+        self._flush_plugin(host)
+
+    def _flush_plugin(self, host):
+        try:
+            sent = host.sock.send(host.outbuf)
+            del host.outbuf[:sent]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._read_plugin(host)     # it may have said why, first
+            self._disable_plugin(host, "its process went away")
+            return
+        writing = bool(host.outbuf)
+        if writing != host.writing:
+            events = selectors.EVENT_READ | (
+                selectors.EVENT_WRITE if writing else 0)
+            self.selector.modify(host.sock, events, (self._on_plugin, host))
+            host.writing = writing
+
+    def _on_plugin(self, host, mask):
+        if mask & selectors.EVENT_WRITE and host.sock is not None:
+            self._flush_plugin(host)
+        if mask & selectors.EVENT_READ and host.sock is not None:
+            if not self._read_plugin(host):
+                self._disable_plugin(host, "its process exited")
+
+    def _read_plugin(self, host):
+        """Handle what the plugin sent; return False at end of stream."""
+        try:
+            data = host.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            return False
+        lines = (host.inbuf + data).split(b"\n")
+        host.inbuf = lines.pop()
+        for line in lines:
+            try:
+                msg = json.loads(line)
+            except (ValueError, RecursionError):
+                self._disable_plugin(host, "it sent a line that is not JSON")
+                return True
+            self._plugin_message(host, msg)
+            if host.sock is None:
+                break
+        return True
+
+    def _plugin_message(self, host, msg):
+        if msg["t"] == "error":
+            log.error("plugin %s raised: %s\n%s", host.spec, msg["message"],
+                      msg.get("traceback", ""))
+            self._disable_plugin(host, f"raised {msg['message']}")
+        elif msg["t"] == "want" and msg.get("seq") == host.seq:
+            host.asked_at = None
+            want = msg["n"]
+            if isinstance(want, bool) or not isinstance(want, int):
+                self._disable_plugin(host, f"returned {want!r}, not an int")
+                return
+            self._decide(want, f"policy {host.spec}", "plugin decision")
+
+    def _disable_plugin(self, host, why):
+        if host.disabled:
+            return
+        host.disabled = True
+        host.error = why
+        log.error("plugin %s disabled: %s%s", host.spec, why,
+                  "; the default policy takes over"
+                  if host.kind == "policy" else "")
+        self._close_plugin(host)
+
+    def _close_plugin(self, host):
+        if host.sock is not None:
+            self.selector.unregister(host.sock)
+            host.sock.close()
+            host.sock = None
+        if host.pid is not None:
+            _signal_pid(host.pid, signal.SIGKILL)
+            self.reap_needed = True
+
+    def _reload_plugins(self):
+        """SIGHUP: start every plugin afresh, re-reading its code."""
+        for host in self.plugins:
+            host.disabled = True
+            self._close_plugin(host)
+        self.plugins = []
+        self._start_plugins()
+
+    def _stop_plugins(self, grace=0.0):
+        """End every plugin: ask it to stop, give it ``grace``, then kill."""
+        for host in self.plugins:
+            if host.sock is not None and not host.disabled and grace:
+                try:
+                    host.sock.setblocking(True)
+                    host.sock.settimeout(grace)
+                    host.sock.sendall(bytes(host.outbuf) +
+                                      dumps({"t": "stop"}))
+                except OSError:
+                    pass
+        deadline = time.monotonic() + grace
+        for host in self.plugins:
+            while host.pid is not None and time.monotonic() < deadline:
+                try:
+                    if os.waitpid(host.pid, os.WNOHANG)[0]:
+                        host.pid = None
+                except ChildProcessError:
+                    host.pid = None
+                if host.pid is not None:
+                    time.sleep(0.005)   # shutting down: nothing else to do
+            host.disabled = True
+            self._close_plugin(host)
+            if host.pid is not None:
+                try:
+                    os.waitpid(host.pid, 0)
+                except ChildProcessError:
+                    pass
+                host.pid = None
+
+
+###############################################################################
+# Master: operations ##########################################################
+###############################################################################
+
+
+class _Operations:
+    """Reload, systemd notification and signals."""
+
+    # -- reload --------------------------------------------------------------
+
+    #: Keys a running daemon cannot change: they need a restart.
+    RESTART_KEYS = (("server", "socket"), ("journal", "path"),
+                    ("tasks", "aging_rate"))
+
+    def reload(self):
+        """Re-read the config, apply it, then roll the workers.
+
+        Returns (applied, message). An invalid config changes nothing.
+        """
+        self.notifier.send(RELOADING=1, MONOTONIC_USEC=time.clock_gettime_ns(
+            time.CLOCK_MONOTONIC) // 1000)
+        try:
+            new = load_config(self.config_path, self.overrides)
+        except ConfigError as exc:
+            log.error("reload rejected; the old configuration stays: %s",
+                      exc)
+            self.notifier.send(READY=1, STATUS=f"reload rejected: {exc}")
+            return False, str(exc)
+        kept = []
+        for section, key in self.RESTART_KEYS:
+            old = getattr(self.cfg[section], key)
+            if getattr(new[section], key) != old:
+                kept.append(f"{section}.{key}")
+                setattr(new[section], key, old)
+        if kept:
+            log.warning("reload: %s need(s) a restart; keeping the running "
+                        "value(s)", ", ".join(kept))
+        self._apply_config(new)
+        self.notifier.send(READY=1, STATUS="reloaded")
+        message = "reloaded; rolling workers to generation " \
+            f"{self.generation}"
+        if kept:
+            message += f" ({', '.join(kept)} need a restart)"
+        log.info("%s", message)
+        return True, message
+
+    def _apply_config(self, new):
+        old, self.cfg = self.cfg, new
+        if self.journal is not None:
+            self.journal.mode = new["journal"].fsync
+            self.journal.interval = new["journal"].fsync_interval
+        scfg = new["scaling"]
+        if (scfg.window, scfg.interval) != (old["scaling"].window,
+                                            old["scaling"].interval):
+            self._init_metrics(scfg)
+        else:
+            self.policy = DefaultPolicy(scfg.target_queue_wait,
+                                        scfg.target_utilization,
+                                        scfg.scale_in_delay, scfg.tolerance)
+        self.min_workers = new["workers"].min
+        self.max_workers = new["workers"].max
+        self.target = max(self.min_workers, min(self.max_workers,
+                                                self.target))
+        self.known_handlers = None
+        self._reload_plugins()
+        self.generation += 1
+        self.spawn_after = 0.0
+        self._maintain_pool()
+
+    # -- systemd -------------------------------------------------------------
+
+    def _start_watchdog(self):
+        if self.notifier.watchdog is not None:
+            log.info("systemd watchdog: pinging every %.3f s",
+                     self.notifier.watchdog)
+            self._watchdog_ping()
+
+    def _watchdog_ping(self, _arg=None):
+        self.notifier.send(WATCHDOG=1)
+        self.call_at(self.clock() + self.notifier.watchdog,
+                     self._watchdog_ping)
+
+    def _notify_status(self, _arg=None):
+        """Send STATUS= when it changed, at most once a second."""
+        if _arg is not None:
+            self.status_timer = None
+        live = sum(1 for w in self.workers.values()
+                   if w.state in LIVE_WORKER_STATES)
+        text = (f"{len(self.ready)} ready, {len(self.delayed)} delayed, "
+                f"{self.running_count} running; {live} worker(s), "
+                f"{self.by_state[WorkerState.IDLE]} idle")
+        last, when = self.status_sent
+        if text == last:
+            return
+        now = self.clock()
+        if now - when >= 1.0:
+            self.notifier.send(STATUS=text)
+            self.status_sent = (text, now)
+        elif self.status_timer is None:
+            self.status_timer = self.call_at(when + 1.0, self._notify_status,
+                                             True)
+
+    # -- signals -------------------------------------------------------------
+
+    def _install_signals(self):
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in self._signals:
+            signal.signal(signum, _ignore_signal)
+        self.selector.register(self.wake_r, selectors.EVENT_READ,
+                               (self._on_wakeup, None))
+
+    def _on_wakeup(self, _obj, _mask):
+        try:
+            data = self.wake_r.recv(4096)
+        except BlockingIOError:
+            return
+        for signum in data:
+            handler = self._signals.get(signum)
+            if handler is not None:
+                handler(signum)
+
+    def _on_term(self, signum=None):
+        if self.stopping:
+            log.info("second stop signal: skipping the grace period")
+            self._stop_now()
+        else:
+            self.begin_shutdown()
+
+    def _on_chld(self, _signum):
+        self.reap_needed = True
+
+    def _on_hup(self, _signum):
+        log.info("SIGHUP: reloading the configuration")
+        self.reload()
+
+    def _on_ttin(self, _signum):
+        self._set_target(self.target + 1, "SIGTTIN")
+
+    def _on_ttou(self, _signum):
+        self._set_target(self.target - 1, "SIGTTOU")
+
+
+###############################################################################
+# Commands ####################################################################
+###############################################################################
+
+
+class _Commands:
+    """One method per protocol op.
+
+    Each is (conn, request, slot) -> response, or None when the request is
+    parked and answered later through its slot.
+    """
 
     def op_ping(self, conn, request, slot):
         return {"ok": True, "version": __version__}
@@ -3908,100 +3853,255 @@ class Master:
         return {"ok": True}
 
 
-def _make_journal(jcfg):
-    if jcfg.path == "none":
-        return None
-    return Journal(jcfg.path or default_journal_path(), jcfg.fsync,
-                   jcfg.fsync_interval)
+###############################################################################
+# Master ######################################################################
+###############################################################################
 
 
-def _ignore_signal(_signum, _frame):
-    """The signal's byte reaches the loop through the wakeup fd."""
+class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
+             _Scaling, _Plugins, _Operations, _Commands):
+    """The daemon: one selector loop serving clients and supervising workers.
 
-
-def _signal_pid(pid, signum):
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
-
-
-def _die_with_parent(parent):
-    """Have the kernel SIGKILL this worker when the master dies (Linux).
-
-    The heartbeat thread notices a dead master too, but not while the
-    whole process is stopped or wedged; this covers those.
+    Loop shape: wait on the selector until the next due time, handle the
+    ready sockets, run what has come due, dispatch, then flush every owed
+    response (``_before_sleep``).
     """
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)       # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:              # it died before the prctl
-        os._exit(1)
 
+    def __init__(self, cfg, clock=time.monotonic, wall=time.time,
+                 config_path=None, overrides=None):
+        self.cfg = cfg
+        self.config_path = config_path   # re-read on reload
+        self.overrides = overrides or {}
+        self.generation = 1              # bumped by a reload: rolls workers
+        self.clock = clock
+        self.wall = wall
+        self.socket_path = cfg["server"].socket or default_socket_path()
+        self.selector = selectors.DefaultSelector()
+        self.tasks = {}                  # id -> Task, terminal ones kept
+        self.ready = ReadyQueue(cfg["tasks"].aging_rate)
+        self.delayed = LazyHeap()        # run_at (monotonic) -> Task
+        self.deadlines = LazyHeap()      # expiry (monotonic) -> Task
+        self.timers = LazyHeap()         # due (monotonic) -> (fn, arg)
+        self.keys = {}                   # idempotency key -> task id
+        self.retention = collections.deque()  # (drop at, task id)
+        self.keyed_retention = collections.deque()   # the same, with keys
+        self.workers = {}                # id -> Worker
+        self.by_pid = {}
+        self.idle = []                   # IDLE workers, most recent last
+        self.conns = {}
+        self.waiters = {}                # task id -> [(conn, slot)]
+        self.dirty = set()               # conns with responses to flush
+        self.worker_dirty = set()        # workers with messages to send
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.running_count = 0
+        self.ready_by_priority = collections.Counter()
+        self.target = cfg["workers"].min
+        self.min_workers = cfg["workers"].min
+        self.max_workers = cfg["workers"].max
+        self.known_handlers = None       # from the latest ready worker
+        self.boot_failures = 0           # consecutive, reset on a ready
+        self.boot_error = None
+        self.spawn_after = 0.0
+        self.spawn_timer = None
+        self.stopping = False
+        self.stop_deadline = None
+        self.done = False
+        self.reap_needed = False
+        self.listener = None
+        self.activated = False           # listener came from systemd
+        self.refused = 0
+        self.refusal_logged = -1e9
+        self.notifier = Notifier()
+        self.status_sent = (None, -1e9)  # (text, when)
+        self.status_timer = None
+        self.ready_sent = False
+        self.wake_r = self.wake_w = None
+        self.purge_timer = None
+        self.journal = _make_journal(cfg["journal"])
+        self.held = set()                # conns waiting on a failed journal
+        self.journal_deps = set()        # conns told of this turn's records
+        self.sync_timer = None
+        self.retry_timer = None
+        self.compactor = None            # pid of the compaction child
+        self.compact_after = 0.0
+        self._init_metrics(cfg["scaling"])
+        self.plugins = []                # PluginHost, one per plugin
+        self.last_decision = None
+        self._next_seq = time.time_ns() // 1000
+        self._next_wid = 1
+        self._ops = {
+            "ping": (self.op_ping, ()),
+            "submit": (self.op_submit, ("task",)),
+            "get": (self.op_get, ("id",)),
+            "wait": (self.op_wait, ("id", "timeout")),
+            "cancel": (self.op_cancel, ("id",)),
+            "status": (self.op_status, ()),
+            "metrics": (self.op_metrics, ()),
+            "drain": (self.op_drain, ("worker",)),
+            "scale": (self.op_scale, ("min", "max")),
+            "reload": (self.op_reload, ()),
+            "shutdown": (self.op_shutdown, ()),
+        }
+        self._signals = {
+            signal.SIGTERM: self._on_term,
+            signal.SIGINT: self._on_term,
+            signal.SIGCHLD: self._on_chld,
+            signal.SIGHUP: self._on_hup,
+            signal.SIGTTIN: self._on_ttin,
+            signal.SIGTTOU: self._on_ttou,
+        }
 
-def _redirect_stdin():
-    fd = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(fd, 0)
-    os.close(fd)
+    # -- the loop ------------------------------------------------------------
 
+    def serve(self):
+        """Run until shut down; return the process exit status.
 
-def _refuse(sock, code, message):
-    try:
-        sock.setblocking(False)
-        sock.send(dumps({"ok": False, "error": code, "message": message}))
-    except OSError:
-        pass
-    sock.close()
+        Raises LbdError when start-up is impossible (socket or journal).
+        """
+        self._install_signals()
+        try:
+            self._recover()
+            self._listen()
+            self._maintain_pool()
+            self._start_plugins()
+            self._start_watchdog()
+            self.call_at(self.clock() + self.cfg["scaling"].interval,
+                         self._scale_tick)
+            log.info("lbd %s serving on %s (journal %s, workers %d..%d, "
+                     "handlers: %s)", __version__, self.socket_path,
+                     self.journal.path if self.journal else "off",
+                     self.min_workers, self.max_workers,
+                     ", ".join(self.cfg["workers"].handlers)
+                     or "built-in only")
+            while not self.done:
+                self._step()
+        except LbdError:
+            self._emergency_stop()
+            raise
+        except Exception:
+            log.exception("internal error; stopping the daemon")
+            self._emergency_stop()
+            return 1
+        finally:
+            self._close_listener()
+            if self.journal is not None:
+                self.journal.close()
+        log.info("lbd stopped")
+        return 0
 
+    def _step(self):
+        for key, mask in self.selector.select(self._timeout()):
+            handler, obj = key.data
+            handler(obj, mask)
+        if self.reap_needed:
+            self.reap_needed = False
+            self._reap()
+        self._run_due(self.clock())
+        self._dispatch()
+        self._before_sleep()
 
-def _group_id(name):
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        if name.isdigit():
-            return int(name)
-        raise ConfigError(f"no group {name!r} for server.socket_group"
-                          ) from None
+    def _timeout(self):
+        due = [k for k in (self.timers.peek_key(), self.delayed.peek_key(),
+                           self.deadlines.peek_key()) if k is not None]
+        if not due:
+            return None
+        return max(0.0, min(due) - self.clock())
 
+    def _run_due(self, now):
+        for task in self.delayed.pop_due(now):
+            task.delay_entry = None
+            self._task_to(task, TaskState.QUEUED)
+            self._enqueue(task)
+        for task in self.deadlines.pop_due(now):
+            task.deadline_entry = None
+            if task.state in (TaskState.QUEUED, TaskState.DELAYED):
+                self._finish(task, TaskState.EXPIRED, error={
+                    "reason": "expired", "type": None, "traceback": None,
+                    "message": "deadline passed before the task could run"})
+        for fn, arg in self.timers.pop_due(now):
+            fn(arg)
 
-def _prepare_socket_dir(path):
-    """Create the default private socket directory, or check it is ours."""
-    folder = os.path.dirname(path) or "."
-    if folder != f"/tmp/lbd-{os.getuid()}":
-        return
-    try:
-        os.mkdir(folder, 0o700)
-    except FileExistsError:
-        info = os.lstat(folder)
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-            raise ConfigError(f"{folder} exists and is not a directory "
-                              "owned by this user; use --socket") from None
+    def call_at(self, when, fn, arg=None):
+        """Run ``fn(arg)`` at monotonic ``when``; return the entry."""
+        return self.timers.push(when, (fn, arg))
 
+    def _before_sleep(self):
+        """Group commit: write (and fsync) the journal, then answer."""
+        journal = self.journal
+        written = True
+        if journal is not None and (journal.buf or journal.failed):
+            fresh = journal.fresh
+            written = self._flush_journal()
+            if not written and fresh:
+                # Responses that tell of records not on disk wait for a
+                # write that works.
+                self.held |= self.journal_deps
+                self.dirty -= self.journal_deps
+        self.journal_deps.clear()
+        if written:
+            # Dispatches go out only once their records are written, so a
+            # kill -9 costs at most one duplicate per busy worker.
+            workers, self.worker_dirty = self.worker_dirty, set()
+            for worker in workers:
+                self._flush_worker(worker)
+        dirty, self.dirty = self.dirty, set()
+        for conn in dirty:
+            if conn not in self.held:
+                self._flush_conn(conn)
+        if journal is not None and self.compactor is None and \
+                self.clock() >= self.compact_after and \
+                journal.wants_compaction(self.cfg["journal"].compact_bytes):
+            self._start_compaction()
+        if self.notifier.sock is not None:
+            self._notify_status()
+        if self.stopping and not self.workers and not self.done:
+            self._finish_shutdown()
 
-def _remove_stale_socket(path):
-    """Refuse if a live daemon answers at ``path``; remove a dead socket."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise ConfigError(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
-        log.info("removed stale socket %s", path)
-        return
-    except OSError as exc:
-        raise ConfigError(f"cannot check socket {path}: {exc}") from None
-    finally:
-        probe.close()
-    raise ConfigError(f"another lbd daemon is already serving on {path}")
+    # -- shutdown ------------------------------------------------------------
+
+    def begin_shutdown(self):
+        """Stop taking submits; let running tasks finish within stop_grace."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.notifier.send(STOPPING=1, STATUS="stopping")
+        grace = self.cfg["workers"].stop_grace
+        log.info("shutting down: %d running task(s) get up to %g s",
+                 self.running_count, grace)
+        self.timers.remove(self.spawn_timer)
+        for worker in list(self.workers.values()):
+            if worker.state is WorkerState.STARTING:
+                self._kill_worker(worker, "shutdown", WorkerState.STOPPING)
+            elif worker.state is not WorkerState.STOPPING:
+                self.retire(worker)
+        self.stop_deadline = self.call_at(self.clock() + grace,
+                                          self._stop_now)
+
+    def _stop_now(self, _arg=None):
+        """The grace is over: kill what still runs; its tasks re-queue."""
+        for worker in list(self.workers.values()):
+            if worker.kill_reason is None:
+                self._kill_worker(worker, "shutdown", WorkerState.STOPPING)
+
+    def _finish_shutdown(self):
+        for tid in list(self.waiters):
+            for conn, slot in self.waiters.pop(tid):
+                self._answer_parked(conn, slot, {
+                    "ok": False, "error": SHUTTING_DOWN,
+                    "message": "the daemon shut down before the task ended"})
+        self._stop_compactor()
+        self._stop_plugins(grace=min(2.0, self.cfg["plugins"].timeout))
+        if self.journal is not None and self._flush_journal():
+            self.journal.sync()
+        for conn in list(self.dirty):
+            self._flush_conn(conn)
+        self.done = True
+
+    def _emergency_stop(self):
+        for worker in self.workers.values():
+            _signal_pid(worker.pid, signal.SIGKILL)
+        self._stop_compactor()
+        self._stop_plugins()
 
 
 ###############################################################################
