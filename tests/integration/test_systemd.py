@@ -455,7 +455,12 @@ def test_socket_activation_serves_on_the_passed_socket(activated, sockdir):
             assert c.ping() == lbd.__version__
             tid = c.submit("lbd:echo", "hi")
             assert c.wait(tid, timeout=30)["result"] == ["hi"]
-            status = c.status()
+            # A worker closes what it inherited before it reports ready;
+            # one just forked may not have yet.
+            status = wait_until(
+                lambda: (st := c.status())["workers"] and all(
+                    w["state"] == "IDLE" for w in st["workers"]) and st, 30,
+                what="every worker to be ready")
         assert status["pid"] == a.pid
         # The workers do not hold the listening socket: only the master.
         for w in status["workers"]:
