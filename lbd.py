@@ -44,6 +44,7 @@ import bisect
 import collections
 import enum
 import fcntl
+import gc
 import glob
 import grp
 import heapq
@@ -2281,7 +2282,10 @@ class _Connections:
             request = loads(line)
             if not isinstance(request, dict):
                 raise _bad("a request must be a JSON object")
-            if not nesting_ok(request):
+            # Cheap bound first: fewer brackets than the limit cannot nest
+            # past it (brackets inside strings only make this cautious).
+            if line.count(b"[") + line.count(b"{") > MAX_NESTING and \
+                    not nesting_ok(request):
                 request = None
                 raise _bad(f"request nested deeper than {MAX_NESTING} "
                            "levels")
@@ -2441,6 +2445,18 @@ class _Journaling:
         if self.journal is None:
             return
         started = time.monotonic()
+        gc.disable()    # replay makes many objects and no cyclic garbage
+        try:
+            self._replay_into_queues()
+        finally:
+            gc.enable()
+        # What was recovered lives long: keep it out of every later
+        # collection's scan.
+        gc.freeze()
+        log.info("journal %s replayed in %.3f s", self.journal.path,
+                 time.monotonic() - started)
+
+    def _replay_into_queues(self):
         states = replay(self.journal.open())
         now, wall = self.clock(), self.wall()
         ttl, finished = self.cfg["tasks"].result_ttl, []
@@ -2457,10 +2473,9 @@ class _Journaling:
             self._schedule_recovered(task, now, wall)
         for task in sorted(finished, key=lambda t: t.finished_at):
             self._retain_recovered(task, now, wall)
-        log.info("journal %s replayed: %d task(s), %d live, %d finished "
-                 "kept, in %.3f s", self.journal.path, len(states),
-                 len(self.tasks) - len(finished), len(finished),
-                 time.monotonic() - started)
+        log.info("journal %s: %d task(s), %d live, %d finished kept",
+                 self.journal.path, len(states),
+                 len(self.tasks) - len(finished), len(finished))
 
     def _schedule_recovered(self, task, now, wall):
         if task.deadline_at is not None:
