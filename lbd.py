@@ -1613,6 +1613,10 @@ class Journal:
         Returns True when every buffered record is as durable as the
         responses waiting on it need.
         """
+        return self.write_out() and self.sync_for_acks()
+
+    def write_out(self):
+        """Write the buffer (no fsync); return False if the write failed."""
         self.fresh = False
         try:
             while self.buf:
@@ -1622,6 +1626,14 @@ class Journal:
                 del self.buf[:written]
                 self.size += written
                 self.unsynced = True
+        except OSError as exc:
+            self._fail(exc)
+            return False
+        return True
+
+    def sync_for_acks(self):
+        """fsync if the mode wants it before the acks; return success."""
+        try:
             if self.unsynced and (self.mode == "always" or self.sync_wanted
                                   and self.mode == "submits"):
                 self.sync()
@@ -2407,9 +2419,12 @@ class _Journaling:
             self.journal.append(record, sync)
 
     def _flush_journal(self):
-        """Write the journal; on failure arm a retry. Return success."""
+        """Write and fsync the journal; on failure arm a retry."""
+        return self._journal_done(self.journal.flush())
+
+    def _journal_done(self, ok):
+        """After a commit: arm a retry, or release what waited on it."""
         journal = self.journal
-        ok = journal.flush()
         if not ok:
             if self.retry_timer is None:
                 self.retry_timer = self.call_at(self.clock() + 1.0,
@@ -4043,22 +4058,25 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
     def _before_sleep(self):
         """Group commit: write (and fsync) the journal, then answer."""
         journal = self.journal
-        written = True
-        if journal is not None and (journal.buf or journal.failed):
+        if journal is None or not (journal.buf or journal.failed or
+                                   journal.sync_wanted):
+            self._flush_workers()
+        else:
             fresh = journal.fresh
-            written = self._flush_journal()
-            if not written and fresh:
-                # Responses that tell of records not on disk wait for a
-                # write that works.
+            written = journal.write_out()
+            if written:
+                # Dispatches go out once their records are written, so a
+                # kill -9 costs at most one duplicate per busy worker; they
+                # need not wait for the fsync, which the workers' running
+                # overlaps. The acks below do wait for it.
+                self._flush_workers()
+            if not self._journal_done(written and journal.sync_for_acks()) \
+                    and fresh:
+                # Responses that tell of records not durable yet wait for
+                # a commit that works.
                 self.held |= self.journal_deps
                 self.dirty -= self.journal_deps
         self.journal_deps.clear()
-        if written:
-            # Dispatches go out only once their records are written, so a
-            # kill -9 costs at most one duplicate per busy worker.
-            workers, self.worker_dirty = self.worker_dirty, set()
-            for worker in workers:
-                self._flush_worker(worker)
         dirty, self.dirty = self.dirty, set()
         for conn in dirty:
             if conn not in self.held:
@@ -4071,6 +4089,11 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
             self._notify_status()
         if self.stopping and not self.workers and not self.done:
             self._finish_shutdown()
+
+    def _flush_workers(self):
+        workers, self.worker_dirty = self.worker_dirty, set()
+        for worker in workers:
+            self._flush_worker(worker)
 
     # -- shutdown ------------------------------------------------------------
 
