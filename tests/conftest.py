@@ -6,6 +6,7 @@ teardown: SIGTERM, a bounded wait, then SIGKILL to the whole group. Every
 wait goes through ``wait_until``, which is bounded.
 """
 
+import collections
 import json
 import os
 import shutil
@@ -42,6 +43,24 @@ def wait_until(predicate, timeout=10.0, interval=0.01, what="a condition"):
             raise AssertionError(f"timed out after {timeout} s waiting for "
                                  f"{what}")
         time.sleep(interval)
+
+
+def read_lines(path):
+    """The whitespace-separated words of a file; [] if it does not exist."""
+    try:
+        with open(path) as f:
+            return f.read().split()
+    except FileNotFoundError:
+        return []
+
+
+def ids_in(path):
+    """How often each task id starts a line of a record file."""
+    try:
+        with open(path) as f:
+            return collections.Counter(line.split()[0] for line in f)
+    except FileNotFoundError:
+        return collections.Counter()
 
 
 def _toml_value(value):

@@ -7,15 +7,7 @@ import time
 import pytest
 
 import lbd
-from conftest import wait_until
-
-
-def read_lines(path):
-    try:
-        with open(path) as f:
-            return f.read().split()
-    except FileNotFoundError:
-        return []
+from conftest import read_lines, wait_until
 
 
 def test_ping_answers_with_the_version(daemon):

@@ -1,6 +1,5 @@
 """Durability with real processes: kill -9, torn tails, restarts, disk full."""
 
-import collections
 import os
 import subprocess
 import sys
@@ -9,20 +8,12 @@ import threading
 import pytest
 
 import lbd
-from conftest import LBD, ROOT, Daemon, wait_until
+from conftest import Daemon, LBD, ROOT, ids_in, wait_until
 
 H = "lbdtest_handlers"
 FAST = {"workers": {"kill_grace": 0.5, "heartbeat_interval": 0.2,
                     "heartbeat_timeout": 5.0},
         "tasks": {"retry_backoff": 0.01, "retry_backoff_max": 0.05}}
-
-
-def ids_in(path):
-    try:
-        with open(path) as f:
-            return collections.Counter(line.split()[0] for line in f)
-    except FileNotFoundError:
-        return collections.Counter()
 
 
 def journal_check(path):

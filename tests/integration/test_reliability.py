@@ -8,7 +8,7 @@ import time
 import pytest
 
 import lbd
-from conftest import group_alive, wait_until
+from conftest import group_alive, read_lines, wait_until
 
 HANDLERS = ["--handlers", "lbdtest_handlers"]
 
@@ -26,14 +26,6 @@ def config(**sections):
     for name, keys in sections.items():
         merged.setdefault(name, {}).update(keys)
     return merged
-
-
-def read_lines(path):
-    try:
-        with open(path) as f:
-            return f.read().split()
-    except FileNotFoundError:
-        return []
 
 
 def gone(pid):

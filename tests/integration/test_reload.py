@@ -1,24 +1,15 @@
 """Live reload (`lbd reload`, SIGHUP): the config is re-read and applied,
 the workers roll to a new generation, and nothing is lost on the way."""
 
-import collections
 import os
 import signal
 
 import pytest
 
 import lbd
-from conftest import LBD, Daemon, wait_until, write_config
+from conftest import Daemon, LBD, ids_in, wait_until, write_config
 
 H = "lbdtest_handlers"
-
-
-def ids_in(path):
-    try:
-        with open(path) as f:
-            return collections.Counter(line.split()[0] for line in f)
-    except FileNotFoundError:
-        return collections.Counter()
 
 
 def alive(pid):
