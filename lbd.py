@@ -319,8 +319,8 @@ class LazyHeap:
         return len(self._heap)
 
 
-class ReadyQueue(LazyHeap):
-    """Tasks ready to run: highest priority first, FIFO among equals.
+class AgingQueue(LazyHeap):
+    """Ready tasks with aging: one heap on the static aging key.
 
     With aging rate r, a task's effective priority is
     ``priority + r * waited``; all waiting tasks age alike, so the order is
@@ -329,16 +329,125 @@ class ReadyQueue(LazyHeap):
 
     __slots__ = ("aging_rate",)
 
-    def __init__(self, aging_rate=0.0):
+    def __init__(self, aging_rate):
         super().__init__()
         self.aging_rate = aging_rate
 
     def push_task(self, task):
         """Queue ``task`` under its priority and original sequence."""
-        key = -task.priority
-        if self.aging_rate:
-            key += self.aging_rate * task.submitted_at
+        key = self.aging_rate * task.submitted_at - task.priority
         return self.push(key, task, task.seq)
+
+
+class LevelQueue:
+    """Ready tasks by strict priority: a FIFO per priority level.
+
+    New tasks arrive in sequence order, so each level is a deque; a task
+    that comes back with an older sequence (a retry keeps its place) goes
+    into that level's small heap instead, and a pop takes the older of the
+    two heads. A heap of the levels present picks the highest. Pops touch
+    only the heads: no sift through a heap of every queued task, whose
+    cache misses halve dispatch with a million queued. Entries are
+    ``[-priority, seq, task]``; removal marks them, as in LazyHeap.
+    """
+
+    __slots__ = ("_levels", "_keys", "_live", "_dead")
+    aging_rate = 0.0
+
+    def __init__(self):
+        self._levels = {}       # -priority -> (deque of entries, heap)
+        self._keys = []         # heap of the -priority keys present
+        self._live = self._dead = 0
+
+    def __len__(self):
+        return self._live
+
+    def heap_size(self):
+        """Return the entry count, dead ones included (for tests)."""
+        return self._live + self._dead
+
+    def push_task(self, task):
+        """Queue ``task`` under its priority and original sequence."""
+        entry = [-task.priority, task.seq, task]
+        level = self._levels.get(entry[0])
+        if level is None:
+            level = self._levels[entry[0]] = (collections.deque(), [])
+            heapq.heappush(self._keys, entry[0])
+        fifo, late = level
+        if fifo and fifo[-1][1] > entry[1]:
+            heapq.heappush(late, entry)
+        else:
+            fifo.append(entry)
+        self._live += 1
+        return entry
+
+    def remove(self, entry):
+        """Drop a pushed entry; popped or removed entries are ignored."""
+        if entry is None or entry[2] is None:
+            return
+        entry[2] = None
+        self._live -= 1
+        self._dead += 1
+        if self._dead > COMPACT_MIN and self._dead > self._live:
+            self._compact()
+
+    def _compact(self):
+        levels = {}
+        for key, (fifo, late) in self._levels.items():
+            fifo = collections.deque(e for e in fifo if e[2] is not None)
+            late = [e for e in late if e[2] is not None]
+            if fifo or late:
+                heapq.heapify(late)
+                levels[key] = (fifo, late)
+        self._levels = levels
+        self._keys = list(levels)
+        heapq.heapify(self._keys)
+        self._dead = 0
+
+    def _head(self):
+        """Return (level, from_late) of the next live entry, or None."""
+        while self._keys:
+            key = self._keys[0]
+            fifo, late = level = self._levels[key]
+            while fifo and fifo[0][2] is None:
+                fifo.popleft()
+                self._dead -= 1
+            while late and late[0][2] is None:
+                heapq.heappop(late)
+                self._dead -= 1
+            if fifo or late:
+                return level, bool(late) and (not fifo or
+                                              late[0][1] < fifo[0][1])
+            heapq.heappop(self._keys)
+            del self._levels[key]
+        return None
+
+    def peek_key(self):
+        """Return the next task's key (-priority), or None when empty."""
+        head = self._head()
+        if head is None:
+            return None
+        (fifo, late), from_late = head
+        return (late[0] if from_late else fifo[0])[0]
+
+    pop_due = LazyHeap.pop_due
+
+    def pop(self):
+        """Remove and return the next task, or None."""
+        head = self._head()
+        if head is None:
+            return None
+        (fifo, late), from_late = head
+        entry = heapq.heappop(late) if from_late else fifo.popleft()
+        item, entry[2] = entry[2], None
+        self._live -= 1
+        return item
+
+
+def ReadyQueue(aging_rate=0.0):
+    """Return the ready queue for ``aging_rate``: highest priority first,
+    FIFO among equals, lazy removal (see LevelQueue and AgingQueue)."""
+    return AgingQueue(aging_rate) if aging_rate else LevelQueue()
 
 
 ###############################################################################

@@ -396,3 +396,65 @@ def test_randomized_pop_due_against_model():
                 entries.pop(s)
             assert h.pop_due(limit) == want, f"seed={seed}"
         assert len(h) == len(model), f"seed={seed}"
+
+
+# -- the strict-priority LevelQueue against a sorted model -------------------
+
+
+def test_strict_ready_queue_is_a_level_queue_and_aging_a_heap():
+    assert isinstance(lbd.ReadyQueue(), lbd.LevelQueue)
+    assert isinstance(lbd.ReadyQueue(0.5), lbd.AgingQueue)
+
+
+def test_a_retry_with_an_older_sequence_goes_before_newer_equals():
+    q = lbd.ReadyQueue()
+    for seq in (10, 11, 12):
+        q.push_task(FakeTask(f"t{seq}", 3, seq))
+    assert q.pop().name == "t10"
+    q.push_task(FakeTask("retry7", 3, 7))      # came back, keeps its place
+    q.push_task(FakeTask("new13", 3, 13))
+    q.push_task(FakeTask("high", 4, 14))
+    assert [q.pop().name for _ in range(5)] == [
+        "high", "retry7", "t11", "t12", "new13"]
+    assert q.pop() is None and len(q) == 0
+
+
+def test_level_queue_matches_a_sorted_model():
+    seed = int(os.environ.get("LBD_TEST_SEED", random.randrange(1 << 30)))
+    print(f"LevelQueue model seed {seed}")
+    rng = random.Random(seed)
+    q = lbd.ReadyQueue()
+    model = {}          # name -> (key, seq)
+    entries = {}
+    popped = []         # tasks that may come back as retries
+    seq = 0
+    for step in range(20000):
+        op = rng.random()
+        if op < 0.45 or not model:
+            seq += 1
+            task = FakeTask(f"n{seq}", rng.randrange(-3, 4), seq)
+        elif op < 0.55 and popped:
+            task = popped.pop(rng.randrange(len(popped)))   # a retry
+        elif op < 0.75:
+            name = rng.choice(list(model))
+            q.remove(entries.pop(name))
+            q.remove(entries.get(name))                      # no-op twice
+            del model[name]
+            continue
+        else:
+            expected = min(model, key=model.get)
+            assert q.peek_key() == model[expected][0], (seed, step)
+            task = q.pop()
+            assert task.name == expected, (seed, step)
+            del model[task.name], entries[task.name]
+            popped.append(task)
+            continue
+        entries[task.name] = q.push_task(task)
+        model[task.name] = (-task.priority, task.seq)
+        assert len(q) == len(model), (seed, step)
+        assert q.heap_size() <= 2 * len(q) + lbd.COMPACT_MIN + 1
+    while model:
+        expected = min(model, key=model.get)
+        assert q.pop().name == expected, seed
+        del model[expected]
+    assert q.pop() is None and q.peek_key() is None and len(q) == 0
