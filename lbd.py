@@ -2131,7 +2131,7 @@ class Conn:
         self.eof = False        # the peer will send nothing more
         self.closing = False    # close once every owed response is out
         self.events = selectors.EVENT_READ   # as registered now
-        self.waits = {}         # parked wait requests: id(slot) -> task id
+        self.waits = {}         # parked waits: id(slot) -> (tid, slot, timer)
 
 
 COUNTERS = (
@@ -2355,6 +2355,8 @@ class _Connections:
     def _on_conn(self, conn, mask):
         if mask & selectors.EVENT_WRITE:
             self._flush_conn(conn)
+            if conn.sock is None:       # the flush found it gone
+                return
         if mask & selectors.EVENT_READ and not conn.eof:
             self._read_conn(conn)
 
@@ -2370,6 +2372,12 @@ class _Connections:
             line, conn.inbuf = conn.inbuf, b""
             if line.strip():   # a last request without its newline
                 self._handle_line(conn, line)
+            # Nobody will read a parked answer on a closed connection, and
+            # holding it open until the task ends would pin its fd.
+            for tid, slot in self._drop_waits(conn):
+                self._answer_parked(conn, slot, {
+                    "ok": False, "error": TIMEOUT, "message":
+                    f"the client closed its end before task {tid} ended"})
             self._update_events(conn)
             self._maybe_close(conn)
             return
@@ -2495,16 +2503,24 @@ class _Connections:
         if conn.closing and not conn.outbuf and not conn.slots:
             self._close_conn(conn)
 
+    def _drop_waits(self, conn):
+        """Forget a connection's parked waits; return their slots."""
+        slots = []
+        for tid, slot, timer in conn.waits.values():
+            self.timers.remove(timer)
+            parked = self.waiters.get(tid)
+            if parked:
+                parked[:] = [(c, s) for c, s in parked if s is not slot]
+                if not parked:
+                    del self.waiters[tid]
+            slots.append((tid, slot))
+        conn.waits.clear()
+        return slots
+
     def _close_conn(self, conn):
         if conn.sock is None:
             return
-        for tid in conn.waits.values():
-            parked = self.waiters.get(tid)
-            if parked:
-                parked[:] = [(c, s) for c, s in parked if c is not conn]
-                if not parked:
-                    del self.waiters[tid]
-        conn.waits.clear()
+        self._drop_waits(conn)
         if conn.events:
             self.selector.unregister(conn.sock)
         conn.sock.close()
@@ -2583,20 +2599,26 @@ class _Journaling:
     def _replay_into_queues(self):
         states = replay(self.journal.open())
         now, wall = self.clock(), self.wall()
-        ttl, finished = self.cfg["tasks"].result_ttl, []
+        tcfg = self.cfg["tasks"]
+        keyed_ttl = max(tcfg.result_ttl, tcfg.dedupe_window)
+        finished, live = [], []
         for seq, state in states.items():
             self._next_seq = max(self._next_seq, seq + 1)
             task = Task.from_state(state)
-            if task.state in TERMINAL:
-                if task.finished_at + ttl > wall:
-                    finished.append(task)
-                continue
+            if task.state not in TERMINAL:
+                live.append(task)
+            elif task.finished_at + (tcfg.result_ttl if task.key is None
+                                     else keyed_ttl) > wall:
+                finished.append(task)
+        # The kept results first, oldest first: the retention deques must
+        # stay in drop order, and settling the live ones may add to them.
+        for task in sorted(finished, key=lambda t: t.finished_at):
+            self._retain_recovered(task, now, wall)
+        for task in live:
             self.tasks[task.id] = task
             if task.key is not None:
                 self.keys[task.key] = task.id
             self._schedule_recovered(task, now, wall)
-        for task in sorted(finished, key=lambda t: t.finished_at):
-            self._retain_recovered(task, now, wall)
         log.info("journal %s: %d task(s), %d live, %d finished kept",
                  self.journal.path, len(states),
                  len(self.tasks) - len(finished), len(finished))
@@ -2746,7 +2768,9 @@ class _Tasks:
                 record["crash"] = task.crashes
             self._record(record, sync=state is TaskState.CANCELLED)
         for conn, slot in self.waiters.pop(task.id, ()):
-            conn.waits.pop(id(slot), None)
+            parked = conn.waits.pop(id(slot), None)
+            if parked is not None:
+                self.timers.remove(parked[2])
             self._answer_parked(conn, slot, {"ok": True, "task": task.view()})
         self._retain(task)
 
@@ -3166,6 +3190,8 @@ class _Supervision:
         if worker.state is not state and state in WORKER_TRANSITIONS[
                 worker.state]:
             self._worker_to(worker, state)
+        if worker.exit is not None:
+            return          # reaped already: its pid may be someone else's
         _signal_pid(worker.pid, signal.SIGTERM)
         worker.kill_at = self.clock() + self.cfg["workers"].kill_grace
         self._arm_check(worker, worker.kill_at)
@@ -3379,8 +3405,6 @@ class _Scaling:
         self.run_time = WindowHistogram(slots)
         self.meter = BusyMeter(now, slots)
         self.window_seconds = (0.0, 0.0)    # (busy, live) at the last tick
-        self.ready_fifo = collections.deque()   # (queued at, task): oldest
-        self.by_state = collections.Counter()
         self.policy = DefaultPolicy(scfg.target_queue_wait,
                                     scfg.target_utilization,
                                     scfg.scale_in_delay, scfg.tolerance)
@@ -3401,6 +3425,8 @@ class _Scaling:
     def _forget_worker(self, worker):
         self.by_state[worker.state] -= 1
         del self.workers[worker.id]
+        if worker in self.idle:
+            self.idle.remove(worker)
         self._meter_workers()
 
     def _meter_workers(self):
@@ -3741,6 +3767,7 @@ class _Operations:
         if (scfg.window, scfg.interval) != (old["scaling"].window,
                                             old["scaling"].interval):
             self._init_metrics(scfg)
+            self._meter_workers()
         else:
             self.policy = DefaultPolicy(scfg.target_queue_wait,
                                         scfg.target_utilization,
@@ -3894,11 +3921,12 @@ class _Commands:
         timeout = seconds_field(request, "timeout")
         if task.state in TERMINAL:
             return {"ok": True, "task": task.view()}
+        timer = None
         if timeout is not None:
-            self.call_at(self.clock() + timeout, self._wait_timeout,
-                         (conn, slot, task.id))
+            timer = self.call_at(self.clock() + timeout, self._wait_timeout,
+                                 (conn, slot, task.id))
         self.waiters.setdefault(task.id, []).append((conn, slot))
-        conn.waits[id(slot)] = task.id
+        conn.waits[id(slot)] = (task.id, slot, timer)
         return None
 
     def _wait_timeout(self, arg):
@@ -4063,6 +4091,8 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
         self.retry_timer = None
         self.compactor = None            # pid of the compaction child
         self.compact_after = 0.0
+        self.ready_fifo = collections.deque()   # (queued at, task): oldest
+        self.by_state = collections.Counter()   # workers by state
         self._init_metrics(cfg["scaling"])
         self.plugins = []                # PluginHost, one per plugin
         self.last_decision = None
