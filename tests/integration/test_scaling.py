@@ -718,6 +718,10 @@ def test_prometheus_sink_serves_and_writes_valid_metrics(start_daemon,
         parse_exposition(Path(textfile).read_text())
         reads += 1
     assert reads > 10
+    # A temporary file exists while a snapshot is being written; once the
+    # sink has stopped, none may be left.
+    d.request("shutdown")
+    assert d.proc.wait(30) == 0
     leftovers = [p for p in os.listdir(os.path.dirname(textfile))
                  if p.startswith("lbd.prom.")]
     assert leftovers == []
