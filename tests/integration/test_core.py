@@ -397,3 +397,20 @@ def test_stale_socket_file_is_replaced(start_daemon):
     d.start()
     assert d.request("ping")["ok"]
     assert os.path.exists(path)
+
+
+def test_closing_the_connection_ends_its_parked_waits(daemon, gate):
+    import socket
+    with daemon.client() as c:
+        tid = c.submit("lbdtest_handlers:gated", gate.path)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(daemon.socket)
+        s.sendall(json.dumps({"op": "wait", "id": tid}).encode() + b"\n")
+        s.shutdown(socket.SHUT_WR)          # the client is going away
+        reader = s.makefile("rb")
+        response = json.loads(reader.readline())
+        assert response["ok"] is False and response["error"] == "timeout"
+        assert reader.readline() == b""     # and the daemon closed it
+    gate.open()
+    assert daemon.wait_task(tid)["state"] == "DONE"
