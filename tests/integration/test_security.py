@@ -13,6 +13,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -132,8 +133,8 @@ def test_unknown_socket_group_leaves_no_socket_file(tmp_path):
 # -- peer credentials --------------------------------------------------------
 
 
-def _python_for(uid, gid):
-    """An interpreter (3.11+) that user ``uid`` can run lbd.py with."""
+def _python_for(uid, gid, script):
+    """An interpreter (3.11+) that user ``uid`` can run ``script`` with."""
     seen = []
     for candidate in (sys.executable, shutil.which("python3"),
                       "/usr/bin/python3", "/usr/local/bin/python3"):
@@ -143,7 +144,7 @@ def _python_for(uid, gid):
         seen.append(candidate)
         try:
             proc = subprocess.run(
-                [candidate, LBD, "--version"], user=uid, group=gid,
+                [candidate, script, "--version"], user=uid, group=gid,
                 extra_groups=[], env={"PATH": "/usr/bin:/bin"}, cwd="/",
                 capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.SubprocessError):
@@ -173,8 +174,9 @@ sys.stdout.write(data.decode())
 class OtherUser:
     """Runs clients as another user."""
 
-    def __init__(self, python):
+    def __init__(self, python, script):
         self.python = python
+        self.script = script
 
     def _run(self, argv, uid, gid):
         return subprocess.run(
@@ -184,7 +186,7 @@ class OtherUser:
 
     def cli(self, socket_path, *args, uid=OTHER_UID, gid=OTHER_GID):
         """``lbd ARGS --socket PATH`` (default: ping)."""
-        return self._run([LBD, *(args or ("ping",)), "--socket",
+        return self._run([self.script, *(args or ("ping",)), "--socket",
                           socket_path], uid, gid)
 
     def first_words(self, socket_path, uid=OTHER_UID, gid=OTHER_GID):
@@ -199,11 +201,21 @@ def other_user():
     if os.geteuid() != 0:
         pytest.skip("peer-credential tests need root to run a client as "
                     "another user")
-    python = _python_for(OTHER_UID, OTHER_GID)
-    if python is None:
-        pytest.skip(f"no Python 3.11+ that uid {OTHER_UID} can run "
-                    f"{LBD} with")
-    return OtherUser(python)
+    # The checkout may sit in a directory only root can enter: give the
+    # other user a copy of lbd.py it can read.
+    folder = tempfile.mkdtemp(prefix="lbd-other-", dir="/tmp")
+    try:
+        os.chmod(folder, 0o755)
+        script = os.path.join(folder, "lbd.py")
+        shutil.copyfile(LBD, script)
+        os.chmod(script, 0o644)
+        python = _python_for(OTHER_UID, OTHER_GID, script)
+        if python is None:
+            pytest.skip(f"no Python 3.11+ that uid {OTHER_UID} can run "
+                        f"{script} with")
+        yield OtherUser(python, script)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def open_to_all(d):
