@@ -70,16 +70,24 @@ def _toml_value(value):
         return json.dumps(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}"
+                                for k, v in value.items()) + " }"
     return repr(value)
 
 
-def write_config(path, config):
-    """Write {section: {key: value}} as a TOML file; return its path."""
+def toml_text(config):
+    """{section: {key: value}} as TOML; dict values become inline tables."""
     lines = []
     for section, keys in config.items():
         lines.append(f"[{section}]")
         lines.extend(f"{k} = {_toml_value(v)}" for k, v in keys.items())
-    Path(path).write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_config(path, config):
+    """Write {section: {key: value}} as a TOML file; return its path."""
+    Path(path).write_text(toml_text(config))
     return str(path)
 
 

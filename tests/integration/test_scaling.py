@@ -2,7 +2,7 @@
 
 Config files here have nested tables (plugin options), which conftest's
 write_config does not write: each test writes its own TOML with
-``toml()`` into the daemon's workdir and passes ``-c``. Plugin files are
+``toml_text()`` into the daemon's workdir and passes ``-c``. Plugin files are
 written into the workdir before the daemon starts; relative plugin paths
 resolve against the daemon's cwd, which is that workdir.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import lbd
-from conftest import ROOT, group_alive, wait_until
+from conftest import ROOT, group_alive, toml_text, wait_until
 
 PROMETHEUS = str(ROOT / "plugins" / "prometheus.py")
 QUEUE_WAIT_POLICY = str(ROOT / "plugins" / "queue_wait_policy.py")
@@ -34,28 +34,6 @@ LIVE = ("STARTING", "IDLE", "BUSY")
 
 
 # -- helpers ------------------------------------------------------------------
-
-def _value(value):
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {_value(v)}"
-                                for k, v in value.items()) + " }"
-    return repr(value)
-
-
-def toml(config):
-    """{section: {key: value}} as TOML; dict values become inline tables."""
-    lines = []
-    for section, keys in config.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{k} = {_value(v)}" for k, v in keys.items())
-    return "\n".join(lines) + "\n"
-
 
 def start(start_daemon, tmp_path, name, *, low=1, high=4, scaling=None,
           plugins=None, files=None):
@@ -70,7 +48,7 @@ def start(start_daemon, tmp_path, name, *, low=1, high=4, scaling=None,
     if plugins:
         config["plugins"] = plugins
     path = workdir / "test.toml"
-    path.write_text(toml(config))
+    path.write_text(toml_text(config))
     return start_daemon(args=["-c", str(path)], name=name)
 
 
