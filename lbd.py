@@ -2093,7 +2093,7 @@ class Worker:
         self.task = None
         self.tasks_done = 0
         self.inbuf = b""
-        self.outbuf = b""
+        self.outbuf = bytearray()
         self.started_mono = self.last_beat = now
         self.ready = False
         self.attempt_deadline = None
@@ -2159,6 +2159,27 @@ def _describe_exit(info):
             else ""
         return f"killed by {info['signal']}{hint}"
     return f"exited with code {info['exit_code']}"
+
+
+def _send_buffered(selector, peer, handler):
+    """Send what ``peer.outbuf`` holds without blocking; return False if
+    the peer is gone. Write interest is registered (``peer.writing``)
+    exactly while something is left to send.
+    """
+    try:
+        sent = peer.sock.send(peer.outbuf)
+        del peer.outbuf[:sent]
+    except (BlockingIOError, InterruptedError):
+        pass
+    except OSError:
+        return False
+    writing = bool(peer.outbuf)
+    if writing != peer.writing:
+        events = selectors.EVENT_READ | (
+            selectors.EVENT_WRITE if writing else 0)
+        selector.modify(peer.sock, events, (handler, peer))
+        peer.writing = writing
+    return True
 
 
 def _make_journal(jcfg):
@@ -3036,21 +3057,8 @@ class _Workers:
     def _flush_worker(self, worker):
         if worker.sock is None or not worker.outbuf:
             return
-        try:
-            sent = worker.sock.send(worker.outbuf)
-            worker.outbuf = worker.outbuf[sent:]
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError:
+        if not _send_buffered(self.selector, worker, self._on_worker):
             self._worker_eof(worker)
-            return
-        writing = bool(worker.outbuf)
-        if writing != worker.writing:
-            events = selectors.EVENT_READ | (
-                selectors.EVENT_WRITE if writing else 0)
-            self.selector.modify(worker.sock, events,
-                                 (self._on_worker, worker))
-            worker.writing = writing
 
     def _on_worker(self, worker, mask):
         if mask & selectors.EVENT_WRITE:
@@ -3595,21 +3603,9 @@ class _Plugins:
         self._flush_plugin(host)
 
     def _flush_plugin(self, host):
-        try:
-            sent = host.sock.send(host.outbuf)
-            del host.outbuf[:sent]
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError:
+        if not _send_buffered(self.selector, host, self._on_plugin):
             self._read_plugin(host)     # it may have said why, first
             self._disable_plugin(host, "its process went away")
-            return
-        writing = bool(host.outbuf)
-        if writing != host.writing:
-            events = selectors.EVENT_READ | (
-                selectors.EVENT_WRITE if writing else 0)
-            self.selector.modify(host.sock, events, (self._on_plugin, host))
-            host.writing = writing
 
     def _on_plugin(self, host, mask):
         if mask & selectors.EVENT_WRITE and host.sock is not None:
