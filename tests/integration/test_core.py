@@ -10,6 +10,19 @@ import lbd
 from conftest import read_lines, wait_until
 
 
+def start_one_worker(start_daemon):
+    return start_daemon(args=["--handlers", "lbdtest_handlers",
+                              "--min-workers", "1", "--max-workers", "1"])
+
+
+def block_the_worker(client, gate):
+    """Occupy a one-worker pool until the gate opens; return the task."""
+    blocker = client.submit("lbdtest_handlers:gated", gate.path)
+    wait_until(lambda: client.get(blocker)["state"] == "RUNNING", 20,
+               what="the blocker to run")
+    return blocker
+
+
 def test_ping_answers_with_the_version(daemon):
     assert daemon.request("ping")["version"] == lbd.__version__
 
@@ -63,13 +76,10 @@ def test_current_task_is_read_only(daemon):
 
 
 def test_priority_order_with_one_worker(start_daemon, tmp_path, gate):
-    d = start_daemon(args=["--handlers", "lbdtest_handlers",
-                           "--min-workers", "1", "--max-workers", "1"])
+    d = start_one_worker(start_daemon)
     out = str(tmp_path / "order")
     with d.client() as c:
-        blocker = c.submit("lbdtest_handlers:gated", gate.path)
-        wait_until(lambda: c.get(blocker)["state"] == "RUNNING", 20,
-                   what="the blocker to run")
+        block_the_worker(c, gate)
         plan = [(0, "p0a"), (5, "p5a"), (-3, "m3"), (5, "p5b"), (9, "p9"),
                 (0, "p0b"), (5, "p5c")]
         ids = [c.submit("lbdtest_handlers:record", out, tag, priority=p)
@@ -82,13 +92,10 @@ def test_priority_order_with_one_worker(start_daemon, tmp_path, gate):
 
 def test_waiting_task_expires_at_its_deadline_and_never_runs(
         start_daemon, tmp_path, gate):
-    d = start_daemon(args=["--handlers", "lbdtest_handlers",
-                           "--min-workers", "1", "--max-workers", "1"])
+    d = start_one_worker(start_daemon)
     out = str(tmp_path / "ran")
     with d.client() as c:
-        blocker = c.submit("lbdtest_handlers:gated", gate.path)
-        wait_until(lambda: c.get(blocker)["state"] == "RUNNING", 20,
-                   what="the blocker to run")
+        blocker = block_the_worker(c, gate)
         tid = c.submit("lbdtest_handlers:record", out, "late",
                        priority=100, deadline=0.3)
         view = c.wait(tid, timeout=20)   # expires while the blocker runs
@@ -123,13 +130,10 @@ def test_delayed_task_waits_then_runs(daemon):
 
 
 def test_cancel_a_queued_task(start_daemon, tmp_path, gate):
-    d = start_daemon(args=["--handlers", "lbdtest_handlers",
-                           "--min-workers", "1", "--max-workers", "1"])
+    d = start_one_worker(start_daemon)
     out = str(tmp_path / "ran")
     with d.client() as c:
-        blocker = c.submit("lbdtest_handlers:gated", gate.path)
-        wait_until(lambda: c.get(blocker)["state"] == "RUNNING", 20,
-                   what="the blocker to run")
+        blocker = block_the_worker(c, gate)
         tid = c.submit("lbdtest_handlers:record", out, "x")
         view = c.cancel(tid)
         assert view["state"] == "CANCELLED"
