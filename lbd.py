@@ -520,6 +520,33 @@ class Task:
         task.state = TaskState(task.state)
         return task
 
+    def submit_json(self):
+        """Return the journal submit record's JSON text, built directly.
+
+        The hot path's equivalent of ``{"k": "s", "t": submit_record()}``
+        through the encoder; a unit test keeps the two equal.
+        """
+        return _SUBMIT_JSON % (
+            self.seq, self.handler, _json_list(self.args),
+            _json_dict(self.kwargs), self.priority, self.timeout,
+            _json_num(self.deadline_at), _json_num(self.run_at),
+            self.max_attempts, _json_opt(self.key),
+            _JSON_BOOL[self.retry_on_error], self.submitted_at)
+
+    def view_json(self):
+        """Return ``view()`` as JSON text, built directly (the wait answer
+        is on the hot path); a unit test keeps the two equal."""
+        return _VIEW_JSON % (
+            self.id, self.handler, _json_list(self.args),
+            _json_dict(self.kwargs), self.priority, self.state,
+            self.attempts, self.max_attempts, self.timeout,
+            _json_num(self.deadline_at), _json_num(self.run_at),
+            _json_opt(self.key), _JSON_BOOL[self.retry_on_error],
+            self.submitted_at, _json_num(self.started_at),
+            _json_num(self.finished_at), _dumps_str(self.result),
+            _json_opt(self.error), _json_list(self.errors), self.crashes,
+            _json_num(self.worker))
+
     def view(self):
         """Return the task as the protocol shows it."""
         return {
@@ -534,6 +561,40 @@ class Task:
             "error": self.error, "errors": self.errors,
             "crashes": self.crashes, "worker": self.worker,
         }
+
+
+# Templates for the records and messages every task makes. Handlers match
+# _HANDLER_RE and ids are decimal, so neither needs escaping; numbers use
+# repr, as the json module does.
+_SUBMIT_JSON = (
+    '{"k":"s","t":{"seq":%d,"handler":"%s","args":%s,"kwargs":%s,'
+    '"priority":%d,"timeout":%r,"deadline_at":%s,"run_at":%s,'
+    '"max_attempts":%d,"key":%s,"retry_on_error":%s,"submitted_at":%r}}')
+_VIEW_JSON = (
+    '{"id":"%s","handler":"%s","args":%s,"kwargs":%s,"priority":%d,'
+    '"state":"%s","attempts":%d,"max_attempts":%d,"timeout":%r,'
+    '"deadline_at":%s,"run_at":%s,"key":%s,"retry_on_error":%s,'
+    '"submitted_at":%r,"started_at":%s,"finished_at":%s,"result":%s,'
+    '"error":%s,"errors":%s,"crashes":%d,"worker":%s}')
+_RUN_JSON = ('{"t":"run","id":"%s","a":%d,"h":"%s","args":%s,"kw":%s,'
+             '"p":%d,"dl":%s}')
+_JSON_BOOL = {True: "true", False: "false"}
+
+
+def _json_num(value):
+    return "null" if value is None else repr(value)
+
+
+def _json_opt(value):
+    return "null" if value is None else _dumps_str(value)
+
+
+def _json_list(value):
+    return _dumps_str(value) if value else "[]"
+
+
+def _json_dict(value):
+    return _dumps_str(value) if value else "{}"
 
 
 def result_is_current(task, worker, task_id, attempt):
@@ -663,6 +724,29 @@ def dumps(obj):
     return (_dumps_str(obj) + "\n").encode("ascii")
 
 
+#: encode_response's "the request had no 'req' field".
+NO_REQ = object()
+
+
+def encode_response(response, req=NO_REQ):
+    """Return one response line, echoing ``req`` unless it is NO_REQ.
+
+    ``response`` is a dict, or the JSON text of an object without its
+    closing brace: the hot path's answers are built as text directly.
+    """
+    try:
+        if response.__class__ is str:
+            if req is not NO_REQ:
+                response += ',"req":' + _dumps_str(req)
+            return (response + "}\n").encode("ascii")
+        if req is not NO_REQ:
+            response["req"] = req
+        return dumps(response)
+    except (TypeError, ValueError) as exc:
+        return dumps({"ok": False, "error": INTERNAL,
+                      "message": f"unencodable: {exc}"})
+
+
 def _number(spec, name, lo, hi, *, integer=False, low_open=False):
     value = spec[name]
     kinds = (int,) if integer else (int, float)
@@ -773,7 +857,12 @@ JOURNAL_VERSION = 1
 
 def encode_record(obj):
     """Frame one record: CRC, space, JSON payload, newline."""
-    payload = _dumps_str(obj).encode("ascii")
+    return frame_json(_dumps_str(obj))
+
+
+def frame_json(text):
+    """Frame one record given as ASCII JSON text."""
+    payload = text.encode("ascii")
     return b"%08x %s\n" % (zlib.crc32(payload), payload)
 
 
@@ -1710,7 +1799,11 @@ class Journal:
 
     def append(self, record, sync=False):
         """Buffer one record; ``sync``: its ack waits for an fsync."""
-        self.buf += encode_record(record)
+        self.append_json(_dumps_str(record), sync)
+
+    def append_json(self, text, sync=False):
+        """Buffer one record given as its JSON text (see append)."""
+        self.buf += frame_json(text)
         self.fresh = True
         self.appended += 1
         if sync:
@@ -2459,19 +2552,17 @@ class _Connections:
         if response is None:   # parked: answered later through the slot
             slot.append(request.get("req"))
             return
-        if isinstance(request, dict) and "req" in request:
-            response["req"] = request["req"]
-        self._respond(conn, slot, response)
+        self._respond(conn, slot, response, request.get("req", NO_REQ)
+                      if isinstance(request, dict) else NO_REQ)
 
-    def _respond(self, conn, slot, response):
-        slot[0] = response
+    def _respond(self, conn, slot, response, req=NO_REQ):
+        slot[0] = encode_response(response, req)
         self.dirty.add(conn)
 
     def _answer_parked(self, conn, slot, response):
         """Fill a parked request's slot (its 'req' is kept in slot[1])."""
-        if len(slot) > 1 and slot[1] is not None:
-            response["req"] = slot[1]
-        slot[0] = response
+        req = slot[1] if len(slot) > 1 and slot[1] is not None else NO_REQ
+        slot[0] = encode_response(response, req)
         self.dirty.add(conn)
         self.journal_deps.add(conn)
 
@@ -2480,11 +2571,7 @@ class _Connections:
             return
         slots = conn.slots
         while slots and slots[0][0] is not None:
-            try:
-                conn.outbuf += dumps(slots.popleft()[0])
-            except (TypeError, ValueError) as exc:
-                conn.outbuf += dumps({"ok": False, "error": INTERNAL,
-                                      "message": f"unencodable: {exc}"})
+            conn.outbuf += slots.popleft()[0]
         if conn.outbuf:
             try:
                 sent = conn.sock.send(conn.outbuf)
@@ -2563,6 +2650,10 @@ class _Journaling:
     def _record(self, record, sync=False):
         if self.journal is not None:
             self.journal.append(record, sync)
+
+    def _record_json(self, text, sync=False):
+        if self.journal is not None:
+            self.journal.append_json(text, sync)
 
     def _flush_journal(self):
         """Write and fsync the journal; on failure arm a retry."""
@@ -2759,7 +2850,7 @@ class _Tasks:
             self._enqueue(task)
         self.counters["submitted"] += 1
         self.arrivals.add(now)
-        self._record({"k": "s", "t": task.submit_record()}, sync=True)
+        self._record_json(task.submit_json(), sync=True)
         return task
 
     def _finish(self, task, state, result=None, error=None, attempt=None):
@@ -2779,8 +2870,8 @@ class _Tasks:
         self.counters[{"DONE": "done", "DEAD": "dead", "EXPIRED": "expired",
                        "CANCELLED": "cancelled"}[state]] += 1
         if state is TaskState.DONE:
-            self._record({"k": "d", "id": task.seq, "r": result,
-                          "at": task.finished_at})
+            self._record_json('{"k":"d","id":%d,"r":%s,"at":%r}' % (
+                task.seq, _dumps_str(result), task.finished_at))
         else:
             record = {"k": "x", "id": task.seq, "st": state, "e": error,
                       "at": task.finished_at}
@@ -2788,11 +2879,14 @@ class _Tasks:
                 record["le"] = attempt
                 record["crash"] = task.crashes
             self._record(record, sync=state is TaskState.CANCELLED)
-        for conn, slot in self.waiters.pop(task.id, ()):
-            parked = conn.waits.pop(id(slot), None)
-            if parked is not None:
-                self.timers.remove(parked[2])
-            self._answer_parked(conn, slot, {"ok": True, "task": task.view()})
+        waiters = self.waiters.pop(task.id, None)
+        if waiters:
+            answer = '{"ok":true,"task":' + task.view_json()
+            for conn, slot in waiters:
+                parked = conn.waits.pop(id(slot), None)
+                if parked is not None:
+                    self.timers.remove(parked[2])
+                self._answer_parked(conn, slot, answer)
         self._retain(task)
 
     def _retain(self, task):
@@ -2916,12 +3010,12 @@ class _Tasks:
         self.queue_wait.observe(now - task.queued_mono)
         worker.attempt_started = now
         worker.attempt_deadline = now + task.timeout
-        self._record({"k": "r", "id": task.seq, "a": task.attempts,
-                      "w": worker.id, "at": task.started_at})
-        self._send(worker, {"t": "run", "id": task.id, "a": task.attempts,
-                            "h": task.handler, "args": task.args,
-                            "kw": task.kwargs, "p": task.priority,
-                            "dl": task.deadline_at})
+        self._record_json('{"k":"r","id":%d,"a":%d,"w":%d,"at":%r}' % (
+            task.seq, task.attempts, worker.id, task.started_at))
+        self._send_json(worker, _RUN_JSON % (
+            task.id, task.attempts, task.handler, _json_list(task.args),
+            _json_dict(task.kwargs), task.priority,
+            _json_num(task.deadline_at)))
         self._arm_check(worker, worker.attempt_deadline)
 
 
@@ -3049,9 +3143,13 @@ class _Workers:
 
     def _send(self, worker, msg):
         """Queue a message; _before_sleep sends it after the journal."""
+        self._send_json(worker, _dumps_str(msg))
+
+    def _send_json(self, worker, text):
+        """Queue a message given as JSON text (see _send)."""
         if worker.sock is None or worker.exit is not None:
             return
-        worker.outbuf += dumps(msg)
+        worker.outbuf += text.encode("ascii") + b"\n"
         self.worker_dirty.add(worker)
 
     def _flush_worker(self, worker):
@@ -3887,7 +3985,7 @@ class _Commands:
             raise RequestError(QUEUE_FULL, "the queue is full "
                                f"({self.cfg['server'].max_queued} tasks)")
         task = self.new_task(spec)
-        return {"ok": True, "id": task.id, "duplicate": False}
+        return '{"ok":true,"id":"%s","duplicate":false' % task.id
 
     def _check_handler(self, name):
         if name in BUILTIN_HANDLERS:
@@ -3910,13 +4008,13 @@ class _Commands:
         return task
 
     def op_get(self, conn, request, slot):
-        return {"ok": True, "task": self._get_task(request).view()}
+        return '{"ok":true,"task":' + self._get_task(request).view_json()
 
     def op_wait(self, conn, request, slot):
         task = self._get_task(request)
         timeout = seconds_field(request, "timeout")
         if task.state in TERMINAL:
-            return {"ok": True, "task": task.view()}
+            return '{"ok":true,"task":' + task.view_json()
         timer = None
         if timeout is not None:
             timer = self.call_at(self.clock() + timeout, self._wait_timeout,

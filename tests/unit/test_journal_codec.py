@@ -1210,8 +1210,8 @@ def test_a_master_refuses_submits_while_the_journal_fails(masters,
     assert "No space left" in err.value.message
     monkeypatch.undo()
     assert m._flush_journal() is True
-    assert m.op_submit(None, {"op": "submit", "task": {
-        "handler": "lbd:echo"}}, None)["ok"]
+    assert json.loads(lbd.encode_response(m.op_submit(None, {
+        "op": "submit", "task": {"handler": "lbd:echo"}}, None)))["ok"]
 
 
 # == fsync policy and group commit ============================================
