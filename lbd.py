@@ -670,6 +670,8 @@ def _parse_float(text):
 
 _strict_decoder = json.JSONDecoder(parse_constant=_reject_constant,
                                    parse_float=_parse_float)
+#: For lines from our own processes, which encode with dumps.
+_plain_decode = json.JSONDecoder().decode
 
 
 def loads(data):
@@ -749,6 +751,10 @@ def encode_response(response, req=NO_REQ):
 
 def _number(spec, name, lo, hi, *, integer=False, low_open=False):
     value = spec[name]
+    kind = value.__class__
+    if (kind is int or kind is float and not integer) and (
+            lo < value <= hi or value == lo and not low_open):
+        return value    # the common case, decided without a conversion
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
         kind = "an integer" if integer else "a number"
@@ -769,8 +775,8 @@ def validate_task(obj, defaults):
     """
     if not isinstance(obj, dict):
         raise _bad("'task' must be an object")
-    unknown = sorted(set(obj) - TASK_FIELDS)
-    if unknown:
+    if not TASK_FIELDS.issuperset(obj):
+        unknown = sorted(set(obj) - TASK_FIELDS)
         raise _bad(f"unknown task field '{unknown[0]}'")
     spec = {"args": [], "kwargs": {}, "priority": 0, "deadline": None,
             "delay": None, "key": None, "retry_on_error": True, **defaults}
@@ -1652,14 +1658,16 @@ def _worker_main(sock, modules, heartbeat_interval, parent):
                      args=(send, heartbeat_interval, parent)).start()
     send({"t": "ready", "handlers": sorted(handlers)})
     for line in sock.makefile("rb"):
-        msg = json.loads(line)
+        msg = _plain_decode(line.decode("ascii"))
         if msg["t"] == "stop":
             return 0
         reply = _run_one(handlers, msg)
         try:
-            if not nesting_ok(reply):
-                raise ValueError(f"nested deeper than {MAX_NESTING} levels")
             data = dumps(reply)
+            # Fewer brackets than the limit cannot nest past it.
+            if data.count(b"[") + data.count(b"{") > MAX_NESTING and \
+                    not nesting_ok(reply):
+                raise ValueError(f"nested deeper than {MAX_NESTING} levels")
         except (TypeError, ValueError, RecursionError) as exc:
             data = dumps({"t": "err", "id": msg["id"], "a": msg["a"], "e": {
                 "reason": "exception", "type": type(exc).__name__,
@@ -2808,6 +2816,11 @@ class _Journaling:
 ###############################################################################
 
 
+_END_COUNTERS = {TaskState.DONE: "done", TaskState.DEAD: "dead",
+                 TaskState.EXPIRED: "expired",
+                 TaskState.CANCELLED: "cancelled"}
+
+
 class _Tasks:
     """Task state changes, retries, retention and dispatch."""
 
@@ -2867,8 +2880,7 @@ class _Tasks:
         self.delayed.remove(task.delay_entry)
         self.deadlines.remove(task.deadline_entry)
         task.entry = task.delay_entry = task.deadline_entry = None
-        self.counters[{"DONE": "done", "DEAD": "dead", "EXPIRED": "expired",
-                       "CANCELLED": "cancelled"}[state]] += 1
+        self.counters[_END_COUNTERS[state]] += 1
         if state is TaskState.DONE:
             self._record_json('{"k":"d","id":%d,"r":%s,"at":%r}' % (
                 task.seq, _dumps_str(result), task.finished_at))
@@ -2902,8 +2914,11 @@ class _Tasks:
         else:
             queue = self.keyed_retention
             ttl = max(tcfg.result_ttl, tcfg.dedupe_window)
-        queue.append((task.finished_mono + ttl, task.id))
-        self._arm_purge()
+        expiry = task.finished_mono + ttl
+        queue.append((expiry, task.id))
+        timer = self.purge_timer
+        if timer is None or timer[2] is None or timer[0] > expiry:
+            self._arm_purge()
 
     def _arm_purge(self):
         heads = [q[0][0] for q in (self.retention, self.keyed_retention) if q]
@@ -3182,7 +3197,7 @@ class _Workers:
     def _worker_lines(self, worker, lines):
         for line in lines:
             try:
-                msg = json.loads(line)
+                msg = _plain_decode(line.decode("utf-8"))
             except (ValueError, RecursionError):
                 log.error("worker %d sent a line that is not JSON; killing "
                           "it", worker.id)
@@ -3726,7 +3741,7 @@ class _Plugins:
         host.inbuf = lines.pop()
         for line in lines:
             try:
-                msg = json.loads(line)
+                msg = _plain_decode(line.decode("utf-8"))
             except (ValueError, RecursionError):
                 self._disable_plugin(host, "it sent a line that is not JSON")
                 return True
@@ -4447,7 +4462,7 @@ class Client:
             self.close()
             raise Unavailable(f"the daemon at {self.socket_path} closed "
                               "the connection")
-        return json.loads(line)
+        return _plain_decode(line.decode("utf-8"))
 
     def _write(self, data):
         try:
