@@ -120,6 +120,8 @@ COMPACT_MIN = 1024
 
 #: A worker's receive chunk; results are small, big ones just take more.
 RECV_SIZE = 262144
+GC_THRESHOLDS = (10000, 20, 100)    # the master's (see Master.serve)
+_GC_DEFAULT = gc.get_threshold()
 
 
 class LbdError(Exception):
@@ -471,7 +473,9 @@ class Task:
         self.id = str(seq)
         self.seq = seq
         self.handler = spec["handler"]
-        self.args = spec["args"]
+        # A tuple of plain values is not tracked by the cyclic GC, whose
+        # full collections otherwise scan every retained task's list.
+        self.args = tuple(spec["args"])
         self.kwargs = spec["kwargs"]
         self.priority = spec["priority"]
         self.timeout = spec["timeout"]
@@ -487,7 +491,7 @@ class Task:
         self.attempts = self.crashes = 0
         self.started_at = self.finished_at = None
         self.result = self.error = self.worker = None
-        self.errors = []
+        self.errors = ()        # a list once an attempt has failed
         self.entry = self.delay_entry = self.deadline_entry = None
         self.expires = self.finished_mono = self.queued_mono = None
 
@@ -2960,7 +2964,7 @@ class _Tasks:
 
     def _attempt_failed(self, task, error, crash=False, backoff=True):
         """Retry ``task`` after a failed attempt, or end it."""
-        task.errors.append(error)
+        task.errors = [*task.errors, error]
         task.error = error
         if crash:
             task.crashes += 1
@@ -3127,6 +3131,7 @@ class _Workers:
             pid = os.fork()
             if pid == 0:
                 _reset_child_signals(handled)
+                gc.set_threshold(*_GC_DEFAULT)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         return pid
@@ -4237,6 +4242,10 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
         Raises LbdError when start-up is impossible (socket or journal).
         """
         self._install_signals()
+        # Full collections scan every retained task: take them ten times
+        # less often than the default. The loop's own garbage is acyclic
+        # and goes by reference counting. Children get the default back.
+        gc.set_threshold(*GC_THRESHOLDS)
         try:
             self._recover()
             self._listen()
