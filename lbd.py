@@ -2880,7 +2880,8 @@ class _Tasks:
             self._task_to(task, TaskState.QUEUED)
             self._enqueue(task)
         self.counters["submitted"] += 1
-        self.arrivals.add(now)
+        self.arrived += 1
+        self.metrics_stale = True
         self._record_json(task.submit_json(), sync=True)
         return task
 
@@ -3286,7 +3287,7 @@ class _Workers:
         worker.tasks_done += 1
         now = self.clock()
         self.run_time.observe(now - worker.attempt_started)
-        self.completions.add(now)
+        self.completed += 1
         if msg["t"] == "ok":
             self._finish(task, TaskState.DONE, result=msg["r"])
         else:
@@ -3556,7 +3557,7 @@ class _Scaling:
         if old is not None:
             by_state[old] -= 1
         by_state[new] += 1
-        self._meter_workers()
+        self.metrics_stale = True
         if self.plugins:
             self._emit({"kind": "worker", "id": worker.id, "pid": worker.pid,
                         "state": new, "from": old})
@@ -3573,6 +3574,20 @@ class _Scaling:
         by_state = self.by_state
         busy = by_state[WorkerState.BUSY] + by_state[WorkerState.DRAINING]
         self.meter.set(self.clock(), busy, busy + by_state[WorkerState.IDLE])
+
+    def _settle_metrics(self):
+        """Apply what this loop turn counted: worker-state time, arrivals
+        and completions. Once a turn, not once a task: it only moves a
+        count by the length of one turn."""
+        self.metrics_stale = False
+        self._meter_workers()
+        now = self.clock()
+        if self.arrived:
+            self.arrivals.add(now, self.arrived)
+            self.arrived = 0
+        if self.completed:
+            self.completions.add(now, self.completed)
+            self.completed = 0
 
     def _enqueue(self, task):
         now = self.clock()
@@ -3593,6 +3608,7 @@ class _Scaling:
 
     def snapshot(self):
         """The metrics snapshot: what `metrics` returns and policies see."""
+        self._settle_metrics()
         now = self.clock()
         busy_s, live_s = self.window_seconds
         completed = self.run_time.summary()
@@ -3636,6 +3652,7 @@ class _Scaling:
         self.call_at(now + scfg.interval, self._scale_tick)
         self.queue_wait.rotate()
         self.run_time.rotate()
+        self._settle_metrics()
         self.window_seconds = self.meter.sample(now)
         if self.stopping:
             return
@@ -4221,6 +4238,8 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
         self.compact_after = 0.0
         self.ready_fifo = collections.deque()   # (queued at, task): oldest
         self.by_state = collections.Counter()   # workers by state
+        self.arrived = self.completed = 0        # this turn's, for Rates
+        self.metrics_stale = False      # see _settle_metrics
         self._init_metrics(cfg["scaling"])
         self.plugins = []                # PluginHost, one per plugin
         self.last_decision = None
@@ -4328,6 +4347,8 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
 
     def _before_sleep(self):
         """Group commit: write (and fsync) the journal, then answer."""
+        if self.metrics_stale:
+            self._settle_metrics()
         journal = self.journal
         if journal is None or not (journal.buf or journal.failed or
                                    journal.sync_wanted):
