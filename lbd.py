@@ -120,6 +120,7 @@ COMPACT_MIN = 1024
 
 #: A worker's receive chunk; results are small, big ones just take more.
 RECV_SIZE = 262144
+ANSWER_TURNS = 8                    # most busy loop turns an answer waits
 GC_THRESHOLDS = (10000, 20, 100)    # the master's (see Master.serve)
 _GC_DEFAULT = gc.get_threshold()
 
@@ -2493,6 +2494,8 @@ class _Connections:
     # -- client connections --------------------------------------------------
 
     def _on_conn(self, conn, mask):
+        if conn.sock is None:   # closed by this turn's flush of answers
+            return
         if mask & selectors.EVENT_WRITE:
             self._flush_conn(conn)
             if conn.sock is None:       # the flush found it gone
@@ -4240,6 +4243,7 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
         self.by_state = collections.Counter()   # workers by state
         self.arrived = self.completed = 0        # this turn's, for Rates
         self.metrics_stale = False      # see _settle_metrics
+        self.owed_turns = 0             # busy turns answers have waited
         self._init_metrics(cfg["scaling"])
         self.plugins = []                # PluginHost, one per plugin
         self.last_decision = None
@@ -4310,7 +4314,18 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
         return 0
 
     def _step(self):
-        for key, mask in self.selector.select(self._timeout()):
+        # Answers go out when the loop would otherwise sleep, or after
+        # ANSWER_TURNS busy turns: under load one send (and one wake-up of
+        # the client) carries many answers.
+        events = self.selector.select(0 if self.dirty else self._timeout())
+        if self.dirty:
+            if not events or self.owed_turns >= ANSWER_TURNS:
+                self._flush_answers()
+                if not events:
+                    events = self.selector.select(self._timeout())
+            else:
+                self.owed_turns += 1
+        for key, mask in events:
             handler, obj = key.data
             handler(obj, mask)
         if self.reap_needed:
@@ -4346,7 +4361,7 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
         return self.timers.push(when, (fn, arg))
 
     def _before_sleep(self):
-        """Group commit: write (and fsync) the journal, then answer."""
+        """Group commit: write (and fsync) the journal; dispatch."""
         if self.metrics_stale:
             self._settle_metrics()
         journal = self.journal
@@ -4369,10 +4384,6 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
                 self.held |= self.journal_deps
                 self.dirty -= self.journal_deps
         self.journal_deps.clear()
-        dirty, self.dirty = self.dirty, set()
-        for conn in dirty:
-            if conn not in self.held:
-                self._flush_conn(conn)
         if journal is not None and self.compactor is None and \
                 self.clock() >= self.compact_after and \
                 journal.wants_compaction(self.cfg["journal"].compact_bytes):
@@ -4381,6 +4392,13 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
             self._notify_status()
         if self.stopping and not self.workers and not self.done:
             self._finish_shutdown()
+
+    def _flush_answers(self):
+        self.owed_turns = 0
+        dirty, self.dirty = self.dirty, set()
+        for conn in dirty:
+            if conn not in self.held:
+                self._flush_conn(conn)
 
     def _flush_workers(self):
         workers, self.worker_dirty = self.worker_dirty, set()
