@@ -310,16 +310,23 @@ class LazyHeap:
 
     def pop_due(self, limit):
         """Remove and return, in order, every item whose key <= limit."""
-        due = []
-        while True:
-            key = self.peek_key()
-            if key is None or key > limit:
-                return due
-            due.append(self.pop())
+        heap = self._heap
+        if not heap or heap[0][0] > limit:  # dead or not, nothing is due
+            return []
+        return _pop_due(self, limit)
 
     def heap_size(self):
         """Return the entry count, dead ones included (for tests)."""
         return len(self._heap)
+
+
+def _pop_due(queue, limit):
+    due = []
+    while True:
+        key = queue.peek_key()
+        if key is None or key > limit:
+            return due
+        due.append(queue.pop())
 
 
 class AgingQueue(LazyHeap):
@@ -433,7 +440,9 @@ class LevelQueue:
         (fifo, late), from_late = head
         return (late[0] if from_late else fifo[0])[0]
 
-    pop_due = LazyHeap.pop_due
+    def pop_due(self, limit):
+        """Remove and return, in order, every task whose key <= limit."""
+        return _pop_due(self, limit)
 
     def pop(self):
         """Remove and return the next task, or None."""
@@ -541,16 +550,23 @@ class Task:
     def view_json(self):
         """Return ``view()`` as JSON text, built directly (the wait answer
         is on the hot path); a unit test keeps the two equal."""
+        dumps_str = _dumps_str
         return _VIEW_JSON % (
-            self.id, self.handler, _json_list(self.args),
-            _json_dict(self.kwargs), self.priority, self.state,
-            self.attempts, self.max_attempts, self.timeout,
-            _json_num(self.deadline_at), _json_num(self.run_at),
-            _json_opt(self.key), _JSON_BOOL[self.retry_on_error],
-            self.submitted_at, _json_num(self.started_at),
-            _json_num(self.finished_at), _dumps_str(self.result),
-            _json_opt(self.error), _json_list(self.errors), self.crashes,
-            _json_num(self.worker))
+            self.id, self.handler,
+            dumps_str(self.args) if self.args else "[]",
+            dumps_str(self.kwargs) if self.kwargs else "{}",
+            self.priority, self.state, self.attempts, self.max_attempts,
+            self.timeout,
+            "null" if self.deadline_at is None else repr(self.deadline_at),
+            "null" if self.run_at is None else repr(self.run_at),
+            "null" if self.key is None else dumps_str(self.key),
+            "true" if self.retry_on_error else "false", self.submitted_at,
+            "null" if self.started_at is None else repr(self.started_at),
+            "null" if self.finished_at is None else repr(self.finished_at),
+            dumps_str(self.result),
+            "null" if self.error is None else dumps_str(self.error),
+            dumps_str(self.errors) if self.errors else "[]", self.crashes,
+            "null" if self.worker is None else "%d" % self.worker)
 
     def view(self):
         """Return the task as the protocol shows it."""
@@ -2893,15 +2909,16 @@ class _Tasks:
 
         ``attempt``: the error of the failed attempt that ended it, if any.
         """
-        self._task_to(task, state)
+        old = self._task_to(task, state)
         task.finished_at = self.wall()
         task.finished_mono = self.clock()
         task.result = result
         task.error = error
-        self.ready.remove(task.entry)
-        self.delayed.remove(task.delay_entry)
-        self.deadlines.remove(task.deadline_entry)
-        task.entry = task.delay_entry = task.deadline_entry = None
+        if old is not TaskState.RUNNING:    # a running task is in no heap
+            self.ready.remove(task.entry)
+            self.delayed.remove(task.delay_entry)
+            self.deadlines.remove(task.deadline_entry)
+            task.entry = task.delay_entry = task.deadline_entry = None
         self.counters[_END_COUNTERS[state]] += 1
         if state is TaskState.DONE:
             self._record_json('{"k":"d","id":%d,"r":%s,"at":%r}' % (
@@ -4385,8 +4402,8 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
                 self.dirty -= self.journal_deps
         self.journal_deps.clear()
         if journal is not None and self.compactor is None and \
-                self.clock() >= self.compact_after and \
-                journal.wants_compaction(self.cfg["journal"].compact_bytes):
+                journal.wants_compaction(self.cfg["journal"].compact_bytes) \
+                and self.clock() >= self.compact_after:
             self._start_compaction()
         if self.notifier.sock is not None:
             self._notify_status()
