@@ -691,7 +691,7 @@ def _parse_float(text):
 
 def _quick_decode(decoder):
     """Return ``decoder.decode``, skipping its two whitespace scans when
-    the text is one bare document (every line the hot path reads)."""
+    the text starts with its document (every line the hot path reads)."""
     scan, decode = decoder.scan_once, decoder.decode
 
     def quick(text):
@@ -699,7 +699,9 @@ def _quick_decode(decoder):
             obj, end = scan(text, 0)
         except StopIteration:       # not a document at 0: say why
             return decode(text)
-        return obj if end == len(text) else decode(text)
+        if end == len(text) or not text[end:].strip(" \t\n\r"):
+            return obj
+        return decode(text)         # trailing data: say where
     return quick
 
 
