@@ -2717,10 +2717,14 @@ class _Journaling:
         if self.held:
             held, self.held = self.held, set()
             self.dirty |= held
+        self._arm_timed_sync()
+        return True
+
+    def _arm_timed_sync(self):
+        journal = self.journal
         if journal.needs_timed_sync() and self.sync_timer is None:
             self.sync_timer = self.call_at(self.clock() + journal.interval,
                                            self._timed_sync)
-        return True
 
     def _journal_retry(self, _arg=None):
         self.retry_timer = None
@@ -4263,6 +4267,7 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
         self.arrived = self.completed = 0        # this turn's, for Rates
         self.metrics_stale = False      # see _settle_metrics
         self.owed_turns = 0             # busy turns answers have waited
+        self.uncommitted = False        # records written since a commit
         self._init_metrics(cfg["scaling"])
         self.plugins = []                # PluginHost, one per plugin
         self.last_decision = None
@@ -4384,25 +4389,19 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
         if self.metrics_stale:
             self._settle_metrics()
         journal = self.journal
-        if journal is None or not (journal.buf or journal.failed or
-                                   journal.sync_wanted):
+        if journal is None or not journal.buf:
             self._flush_workers()
         else:
-            fresh = journal.fresh
-            written = journal.write_out()
-            if written:
+            self.uncommitted |= journal.fresh
+            if journal.write_out():
                 # Dispatches go out once their records are written, so a
                 # kill -9 costs at most one duplicate per busy worker; they
                 # need not wait for the fsync, which the workers' running
-                # overlaps. The acks below do wait for it.
+                # overlaps. The answers wait for it (_flush_answers).
                 self._flush_workers()
-            if not self._journal_done(written and journal.sync_for_acks()) \
-                    and fresh:
-                # Responses that tell of records not durable yet wait for
-                # a commit that works.
-                self.held |= self.journal_deps
-                self.dirty -= self.journal_deps
-        self.journal_deps.clear()
+                self._arm_timed_sync()
+            else:
+                self._journal_done(False)
         if journal is not None and self.compactor is None and \
                 journal.wants_compaction(self.cfg["journal"].compact_bytes) \
                 and self.clock() >= self.compact_after:
@@ -4413,7 +4412,20 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
             self._finish_shutdown()
 
     def _flush_answers(self):
+        """Commit what the owed answers tell of (group commit: one fsync
+        for every turn since the last flush), then send them."""
         self.owed_turns = 0
+        journal = self.journal
+        if journal is not None and (journal.buf or journal.failed or
+                                    journal.sync_wanted or journal.unsynced):
+            fresh, self.uncommitted = self.uncommitted or journal.fresh, False
+            if not self._journal_done(journal.write_out() and
+                                      journal.sync_for_acks()) and fresh:
+                # Answers that tell of records not durable yet wait for a
+                # commit that works.
+                self.held |= self.journal_deps
+                self.dirty -= self.journal_deps
+        self.journal_deps.clear()
         dirty, self.dirty = self.dirty, set()
         for conn in dirty:
             if conn not in self.held:
