@@ -121,6 +121,7 @@ COMPACT_MIN = 1024
 #: A worker's receive chunk; results are small, big ones just take more.
 RECV_SIZE = 262144
 ANSWER_TURNS = 8                    # most busy loop turns an answer waits
+LINES_PER_TURN = 64                 # requests one connection gets a turn
 GC_THRESHOLDS = (10000, 20, 100)    # the master's (see Master.serve)
 _GC_DEFAULT = gc.get_threshold()
 
@@ -2258,7 +2259,7 @@ class Conn:
     """One client connection: buffers and the responses owed, in order."""
 
     __slots__ = ("sock", "fd", "inbuf", "outbuf", "slots", "eof",
-                 "closing", "events", "waits")
+                 "closing", "events", "waits", "lines", "next_line")
 
     def __init__(self, sock):
         self.sock = sock
@@ -2270,6 +2271,8 @@ class Conn:
         self.closing = False    # close once every owed response is out
         self.events = selectors.EVENT_READ   # as registered now
         self.waits = {}         # parked waits: id(slot) -> (tid, slot, timer)
+        self.lines = None       # complete request lines not handled yet
+        self.next_line = 0      # the first of them not handled
 
 
 COUNTERS = (
@@ -2522,6 +2525,8 @@ class _Connections:
             self._read_conn(conn)
 
     def _read_conn(self, conn):
+        if conn.lines is not None:  # read more once these are handled
+            return
         try:
             data = conn.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -2545,14 +2550,36 @@ class _Connections:
         limit = self.cfg["server"].max_request_bytes
         lines = (conn.inbuf + data).split(b"\n")
         conn.inbuf = lines.pop()
-        for line in lines:
+        if len(conn.inbuf) > limit:
+            lines.append(conn.inbuf)    # _handle_lines refuses it in turn
+            conn.inbuf = b""
+        conn.lines, conn.next_line = lines, 0
+        self._handle_lines(conn)
+
+    def _handle_lines(self, conn):
+        """Handle up to LINES_PER_TURN of the connection's lines.
+
+        A client pipelining thousands of requests would otherwise hold
+        the loop for the whole batch while workers sit idle; what is left
+        waits in ``conn.lines`` for the next turn (``self.busy_conns``).
+        """
+        lines, start = conn.lines, conn.next_line
+        end = min(len(lines), start + LINES_PER_TURN)
+        limit = self.cfg["server"].max_request_bytes
+        for index in range(start, end):
+            line = lines[index]
             if len(line) > limit:
                 self._too_large(conn, limit)
-                return
+                end = len(lines)
+                break
             if line.strip():
                 self._handle_line(conn, line)
-        if len(conn.inbuf) > limit:
-            self._too_large(conn, limit)
+        if end < len(lines):
+            conn.next_line = end
+            self.busy_conns.add(conn)
+        else:
+            conn.lines = None
+            self.busy_conns.discard(conn)
 
     def _too_large(self, conn, limit):
         slot = [None]
@@ -2682,6 +2709,7 @@ class _Connections:
         conn.sock = None
         self.conns.pop(conn.fd, None)
         self.dirty.discard(conn)
+        self.busy_conns.discard(conn)
 
 
 ###############################################################################
@@ -4229,6 +4257,7 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
         self.conns = {}
         self.waiters = {}                # task id -> [(conn, slot)]
         self.dirty = set()               # conns with responses to flush
+        self.busy_conns = set()          # conns with request lines left
         self.worker_dirty = set()        # workers with messages to send
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.running_count = 0
@@ -4341,14 +4370,18 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
         # Answers go out when the loop would otherwise sleep, or after
         # ANSWER_TURNS busy turns: under load one send (and one wake-up of
         # the client) carries many answers.
-        events = self.selector.select(0 if self.dirty else self._timeout())
+        events = self.selector.select(
+            0 if self.dirty or self.busy_conns else self._timeout())
         if self.dirty:
-            if not events or self.owed_turns >= ANSWER_TURNS:
+            idle = not events and not self.busy_conns
+            if idle or self.owed_turns >= ANSWER_TURNS:
                 self._flush_answers()
-                if not events:
+                if idle:
                     events = self.selector.select(self._timeout())
             else:
                 self.owed_turns += 1
+        for conn in list(self.busy_conns):   # lines left from a past turn
+            self._handle_lines(conn)
         for key, mask in events:
             handler, obj = key.data
             handler(obj, mask)
