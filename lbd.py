@@ -541,12 +541,17 @@ class Task:
         The hot path's equivalent of ``{"k": "s", "t": submit_record()}``
         through the encoder; a unit test keeps the two equal.
         """
+        dumps_str = _dumps_str
         return _SUBMIT_JSON % (
-            self.seq, self.handler, _json_list(self.args),
-            _json_dict(self.kwargs), self.priority, self.timeout,
-            _json_num(self.deadline_at), _json_num(self.run_at),
-            self.max_attempts, _json_opt(self.key),
-            _JSON_BOOL[self.retry_on_error], self.submitted_at)
+            self.seq, self.handler,
+            dumps_str(self.args) if self.args else "[]",
+            dumps_str(self.kwargs) if self.kwargs else "{}",
+            self.priority, self.timeout,
+            "null" if self.deadline_at is None else repr(self.deadline_at),
+            "null" if self.run_at is None else repr(self.run_at),
+            self.max_attempts,
+            "null" if self.key is None else dumps_str(self.key),
+            "true" if self.retry_on_error else "false", self.submitted_at)
 
     def view_json(self):
         """Return ``view()`` as JSON text, built directly (the wait answer
@@ -598,17 +603,13 @@ _VIEW_JSON = (
     '"deadline_at":%s,"run_at":%s,"key":%s,"retry_on_error":%s,'
     '"submitted_at":%r,"started_at":%s,"finished_at":%s,"result":%s,'
     '"error":%s,"errors":%s,"crashes":%d,"worker":%s}')
+_OK_JSON = '{"t":"ok","id":"%s","a":%d,"r":%s}\n'
 _RUN_JSON = ('{"t":"run","id":"%s","a":%d,"h":"%s","args":%s,"kw":%s,'
              '"p":%d,"dl":%s}')
-_JSON_BOOL = {True: "true", False: "false"}
 
 
 def _json_num(value):
     return "null" if value is None else repr(value)
-
-
-def _json_opt(value):
-    return "null" if value is None else _dumps_str(value)
 
 
 def _json_list(value):
@@ -1701,7 +1702,9 @@ def _worker_main(sock, modules, heartbeat_interval, parent):
             return 0
         reply = _run_one(handlers, msg)
         try:
-            data = dumps(reply)
+            data = (_OK_JSON % (reply["id"], reply["a"], _dumps_str(
+                reply["r"]))).encode("ascii") if reply["t"] == "ok" \
+                else dumps(reply)
             # Fewer brackets than the limit cannot nest past it.
             if data.count(b"[") + data.count(b"{") > MAX_NESTING and \
                     not nesting_ok(reply):
@@ -3086,25 +3089,25 @@ class _Tasks:
 
     def _start_attempt(self, worker, task):
         task.entry = None
-        self.deadlines.remove(task.deadline_entry)
-        task.deadline_entry = None
+        if task.deadline_entry is not None:
+            self.deadlines.remove(task.deadline_entry)
+            task.deadline_entry = None
         self._task_to(task, TaskState.RUNNING)
         self._worker_to(worker, WorkerState.BUSY)
-        task.attempts += 1
-        task.started_at = self.wall()
-        task.worker = worker.id
+        attempt = task.attempts = task.attempts + 1
+        started = task.started_at = self.wall()
+        wid = task.worker = worker.id
         worker.task = task
-        now = self.clock()
+        now = worker.attempt_started = self.clock()
         self.queue_wait.observe(now - task.queued_mono)
-        worker.attempt_started = now
-        worker.attempt_deadline = now + task.timeout
+        deadline = worker.attempt_deadline = now + task.timeout
         self._record_json('{"k":"r","id":%d,"a":%d,"w":%d,"at":%r}' % (
-            task.seq, task.attempts, worker.id, task.started_at))
+            task.seq, attempt, wid, started))
         self._send_json(worker, _RUN_JSON % (
-            task.id, task.attempts, task.handler, _json_list(task.args),
+            task.id, attempt, task.handler, _json_list(task.args),
             _json_dict(task.kwargs), task.priority,
             _json_num(task.deadline_at)))
-        self._arm_check(worker, worker.attempt_deadline)
+        self._arm_check(worker, deadline)
 
 
 ###############################################################################

@@ -91,3 +91,11 @@ def test_an_unencodable_response_becomes_an_internal_error_line():
     line = lbd.encode_response({"ok": True, "x": object()})
     answer = json.loads(line)
     assert answer["ok"] is False and answer["error"] == lbd.INTERNAL
+
+
+def test_a_worker_result_line_built_by_template_equals_the_encoded_one():
+    for result in (None, [], {"a": [1, 2.5, "\u00ff"]}, "x\n\"y", 3, True):
+        reply = {"t": "ok", "id": "1733330000000001", "a": 2, "r": result}
+        line = (lbd._OK_JSON % (reply["id"], reply["a"],
+                                lbd._dumps_str(result))).encode("ascii")
+        assert json.loads(line) == reply and line.endswith(b"}\n")
