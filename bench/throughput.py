@@ -7,7 +7,7 @@ both alike):
 
 * throughput: N tasks submitted back to back, then every result
   collected. Pool: ``apply_async`` N times, then ``.get()`` each. lbd: one
-  client pipelines N submits (``Client.pipeline``, batch 512), then
+  client pipelines N submits (``Client.pipeline``, batches of 512), then
   pipelines a ``wait`` for every id.
 * latency: M sequential round trips, one at a time. Pool:
   ``apply_async(...).get()``. lbd: on one connection, a submit and, once
@@ -27,9 +27,11 @@ each measurement.
 
     python3 bench/throughput.py [--workers 2] [--n 20000] [--m 2000]
         [--rounds 5] [--fsync submits|always|interval|never|all]
-        [--payload 0] [--profile [FILE]] [--max-seconds 1500]
+        [--payload 0] [--executor] [--profile [FILE]] [--max-seconds 1500]
 
-``--fsync all`` runs submits and always side by side. ``--profile`` adds
+``--fsync all`` runs submits and always side by side; ``--executor``
+adds concurrent.futures.ProcessPoolExecutor(W) as a second in-memory
+reference. ``--profile`` adds
 one extra lbd run (not in the medians) with the daemon's master under
 cProfile (workers unprofiled) and prints its top 15 functions by tottime.
 It runs ``lbd.main()`` under ``cProfile.Profile`` from ``python3 -c`` and
@@ -37,6 +39,7 @@ stops profiling in forked children (see _benchlib.PROFILE_LAUNCHER).
 """
 
 import argparse
+import concurrent.futures
 import multiprocessing
 import os
 import pstats
@@ -71,23 +74,37 @@ def run_pool(workers, n, m, payload):
     args = task_args(payload)
     with multiprocessing.Pool(workers) as pool:
         try:
-            for r in [pool.apply_async(noop, args) for _ in range(WARMUP)]:
-                r.get(CLIENT_TIMEOUT)
-            cpu0, t0 = self_cpu(), time.perf_counter()
-            pending = [pool.apply_async(noop, args) for _ in range(n)]
-            for r in pending:
-                r.get(CLIENT_TIMEOUT)
-            elapsed = time.perf_counter() - t0
-            cpu = self_cpu() - cpu0
-            del pending
-            lat = []
-            for _ in range(m):
-                t = time.perf_counter()
-                pool.apply_async(noop, args).get(CLIENT_TIMEOUT)
-                lat.append(time.perf_counter() - t)
+            return measure_in_memory(
+                lambda: pool.apply_async(noop, args),
+                lambda r: r.get(CLIENT_TIMEOUT), n, m)
         finally:
             pool.terminate()
             pool.join()
+
+
+def run_executor(workers, n, m, payload):
+    args = task_args(payload)
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        return measure_in_memory(lambda: pool.submit(noop, *args),
+                                 lambda f: f.result(CLIENT_TIMEOUT), n, m)
+
+
+def measure_in_memory(submit, result, n, m):
+    """The workload on an in-process pool: submit() -> handle, result()."""
+    for r in [submit() for _ in range(WARMUP)]:
+        result(r)
+    cpu0, t0 = self_cpu(), time.perf_counter()
+    pending = [submit() for _ in range(n)]
+    for r in pending:
+        result(r)
+    elapsed = time.perf_counter() - t0
+    cpu = self_cpu() - cpu0
+    del pending
+    lat = []
+    for _ in range(m):
+        t = time.perf_counter()
+        result(submit())
+        lat.append(time.perf_counter() - t)
     return {"rate": n / elapsed, "elapsed": elapsed,
             "p50": B.percentile(lat, 50) * 1e3,
             "p99": B.percentile(lat, 99) * 1e3,
@@ -166,6 +183,8 @@ def run_lbd(workers, n, m, payload, mode, profile=None):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, default=2, metavar="W")
+    p.add_argument("--executor", action="store_true",
+                   help="also run concurrent.futures.ProcessPoolExecutor")
     p.add_argument("--n", type=int, default=20000, metavar="N",
                    help="tasks in the throughput phase (default 20000)")
     p.add_argument("--m", type=int, default=2000, metavar="M",
@@ -197,6 +216,8 @@ def main(argv=None):
     deadline = B.install(args.max_seconds)
     modes = ["submits", "always"] if args.fsync == "all" else [args.fsync]
     systems = [("pool", None)] + [("lbd", mode) for mode in modes]
+    if args.executor:
+        systems.append(("executor", None))
     B.header("lbd throughput vs multiprocessing.Pool")
     print(f"workload: no-op task, payload {args.payload} B; throughput "
           f"N={args.n} back to back; latency M={args.m} sequential round "
@@ -219,6 +240,9 @@ def main(argv=None):
                       f"{'' if mode is None else ' fsync=' + mode}")
                 if name == "pool":
                     r = run_pool(args.workers, args.n, args.m, args.payload)
+                elif name == "executor":
+                    r = run_executor(args.workers, args.n, args.m,
+                                     args.payload)
                 else:
                     r = run_lbd(args.workers, args.n, args.m, args.payload,
                                 mode)
@@ -250,8 +274,8 @@ def report(args, systems, results):
         if not results[system]:
             continue
         rows.append([
-            f"Pool({args.workers})" if name == "pool"
-            else f"lbd({args.workers})",
+            {"pool": "Pool", "executor": "ProcessPoolExecutor"}.get(
+                name, "lbd") + f"({args.workers})",
             mode or "-", med(system, "rate"),
             B.spread([r["rate"] for r in results[system]]),
             med(system, "p50"), med(system, "p99"),
@@ -263,7 +287,7 @@ def report(args, systems, results):
     pool = ("pool", None)
     rows = []
     for system in systems[1:]:
-        if not results[system] or not results[pool]:
+        if system[0] != "lbd" or not results[system] or not results[pool]:
             continue
         rows.append([
             f"lbd/Pool ({system[1]})",
