@@ -812,7 +812,7 @@ def validate_task(obj, defaults):
     ``defaults`` gives ``timeout`` and ``max_attempts`` when absent.
     Raises RequestError(bad_request) naming the first offending field.
     """
-    if not isinstance(obj, dict):
+    if obj.__class__ is not dict:
         raise _bad("'task' must be an object")
     if not TASK_FIELDS.issuperset(obj):
         unknown = sorted(set(obj) - TASK_FIELDS)
@@ -821,11 +821,11 @@ def validate_task(obj, defaults):
             "delay": None, "key": None, "retry_on_error": True, **defaults}
     spec.update(obj)
     handler = spec.get("handler")
-    if not isinstance(handler, str) or not _HANDLER_RE.match(handler):
+    if handler.__class__ is not str or not _HANDLER_RE.match(handler):
         raise _bad("task field 'handler' must be a string 'module:function'")
-    if not isinstance(spec["args"], list):
+    if spec["args"].__class__ is not list:
         raise _bad("task field 'args' must be a list")
-    if not isinstance(spec["kwargs"], dict):
+    if spec["kwargs"].__class__ is not dict:
         raise _bad("task field 'kwargs' must be an object")
     _number(spec, "priority", -MAX_PRIORITY, MAX_PRIORITY, integer=True)
     _number(spec, "timeout", 0, MAX_SECONDS, low_open=True)
@@ -850,13 +850,18 @@ def check_fields(request, allowed):
             raise _bad(f"unknown field '{name}' for op '{request['op']}'")
 
 
+_MISSING = object()
+
+
 def field(request, name, kinds, what, required=True):
     """Return ``request[name]`` if it has one of ``kinds``, else raise."""
-    if name not in request:
+    value = request.get(name, _MISSING)
+    if value.__class__ in kinds:    # decoded JSON has exact types
+        return value
+    if value is _MISSING:
         if required:
             raise _bad(f"field '{name}' is required")
         return None
-    value = request[name]
     if isinstance(value, bool) and bool not in kinds or not isinstance(
             value, kinds):
         raise _bad(f"field '{name}' must be {what}")
@@ -2598,9 +2603,10 @@ class _Connections:
         slot = [None]
         conn.slots.append(slot)
         request = None
+        journal = self.journal
         try:
             request = loads(line)
-            if not isinstance(request, dict):
+            if request.__class__ is not dict:
                 raise _bad("a request must be a JSON object")
             # Cheap bound first: fewer brackets than the limit cannot nest
             # past it (brackets inside strings only make this cautious).
@@ -2610,15 +2616,18 @@ class _Connections:
                 raise _bad(f"request nested deeper than {MAX_NESTING} "
                            "levels")
             op = request.get("op")
-            entry = self._ops.get(op) if isinstance(op, str) else None
+            entry = self._ops.get(op) if op.__class__ is str else None
             if entry is None:
                 raise RequestError(UNKNOWN_OP, f"unknown op {op!r}"[:200])
             method, allowed = entry
             check_fields(request, allowed)
-            before = self.journal.appended if self.journal else 0
-            response = method(conn, request, slot)
-            if self.journal and self.journal.appended != before:
-                self.journal_deps.add(conn)
+            if journal is None:
+                response = method(conn, request, slot)
+            else:
+                before = journal.appended
+                response = method(conn, request, slot)
+                if journal.appended != before:
+                    self.journal_deps.add(conn)
         except RequestError as exc:
             response = {"ok": False, "error": exc.code,
                         "message": exc.message}
@@ -2629,8 +2638,9 @@ class _Connections:
         if response is None:   # parked: answered later through the slot
             slot.append(request.get("req"))
             return
-        self._respond(conn, slot, response, request.get("req", NO_REQ)
-                      if isinstance(request, dict) else NO_REQ)
+        slot[0] = encode_response(response, request.get("req", NO_REQ)
+                                  if request.__class__ is dict else NO_REQ)
+        self.dirty.add(conn)
 
     def _respond(self, conn, slot, response, req=NO_REQ):
         slot[0] = encode_response(response, req)
