@@ -99,3 +99,13 @@ def test_a_worker_result_line_built_by_template_equals_the_encoded_one():
         line = (lbd._OK_JSON % (reply["id"], reply["a"],
                                 lbd._dumps_str(result))).encode("ascii")
         assert json.loads(line) == reply and line.endswith(b"}\n")
+
+
+@pytest.mark.parametrize("step", range(4))
+def test_a_task_rebuilt_from_its_state_has_every_slot(step):
+    for task in task_variants():
+        task = progressed(task, step)
+        back = lbd.Task.from_state(json.loads(lbd.dumps(task.state_dict())))
+        for name in lbd.Task.__slots__:
+            assert hasattr(back, name), name
+        assert json.loads(back.view_json()) == json.loads(task.view_json())
