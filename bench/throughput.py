@@ -26,14 +26,14 @@ directory; every Pool run a fresh Pool(W). 200 warm-up tasks precede
 each measurement.
 
     python3 bench/throughput.py [--workers 2] [--n 20000] [--m 2000]
-        [--rounds 5] [--fsync submits|always|interval|never|all]
+        [--rounds 5] [--fsync all|submits|always|interval|never]
         [--payload 0] [--executor] [--profile [FILE]] [--max-seconds 1500]
 
-``--fsync all`` runs submits and always side by side; ``--executor``
-adds concurrent.futures.ProcessPoolExecutor(W) as a second in-memory
-reference. ``--profile`` adds
-one extra lbd run (not in the medians) with the daemon's master under
-cProfile (workers unprofiled) and prints its top 15 functions by tottime.
+``--fsync all`` (the default) runs submits and always side by side;
+``--executor`` adds concurrent.futures.ProcessPoolExecutor(W) as a second
+in-memory reference. ``--profile`` adds one extra lbd run (not in the
+medians) with the daemon's master under cProfile (workers unprofiled) and
+prints its top 15 functions by tottime.
 It runs ``lbd.main()`` under ``cProfile.Profile`` from ``python3 -c`` and
 stops profiling in forked children (see _benchlib.PROFILE_LAUNCHER).
 """
@@ -191,10 +191,10 @@ def parse_args(argv=None):
                    help="sequential round trips in the latency phase "
                    "(default 2000)")
     p.add_argument("--rounds", type=int, default=5, metavar="R")
-    p.add_argument("--fsync", default="submits",
+    p.add_argument("--fsync", default="all",
                    choices=["submits", "always", "interval", "never", "all"],
-                   help="[journal] fsync of the lbd daemon; 'all' runs "
-                   "submits and always side by side")
+                   help="[journal] fsync of the lbd daemon; 'all' (the "
+                   "default) runs submits and always side by side")
     p.add_argument("--payload", type=int, default=0, metavar="BYTES",
                    help="size of a string argument every task carries")
     p.add_argument("--profile", nargs="?", const="", default=None,
