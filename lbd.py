@@ -4614,7 +4614,7 @@ class Client:
                                   f"{self.socket_path} "
                                   f"({exc.strerror or exc})") from None
         self._sock = sock
-        self._rfile = sock.makefile("rb")
+        self._rfile = sock.makefile("rb", buffering=RECV_SIZE)
 
     def _read(self):
         try:
