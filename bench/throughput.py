@@ -72,14 +72,18 @@ def task_args(payload):
 
 def run_pool(workers, n, m, payload):
     args = task_args(payload)
-    with multiprocessing.Pool(workers) as pool:
-        try:
-            return measure_in_memory(
-                lambda: pool.apply_async(noop, args),
-                lambda r: r.get(CLIENT_TIMEOUT), n, m)
-        finally:
-            pool.terminate()
-            pool.join()
+    pool = multiprocessing.Pool(workers)
+    try:
+        result = measure_in_memory(lambda: pool.apply_async(noop, args),
+                                   lambda r: r.get(CLIENT_TIMEOUT), n, m)
+    except BaseException:
+        pool.terminate()
+        raise
+    # close + join, not terminate: Pool.terminate() can leave a worker
+    # blocked on the task queue's lock, and its join then never returns.
+    pool.close()
+    pool.join()
+    return result
 
 
 def run_executor(workers, n, m, payload):
