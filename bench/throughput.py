@@ -16,7 +16,9 @@ both alike):
   utime+stime from /proc/<pid>/stat (its workers not included); for Pool
   the parent's getrusage(RUSAGE_SELF), which includes Pool's feeder and
   result threads (its workers not included). lbd's client CPU is shown
-  too: in the Pool run the parent is client and master at once.
+  too: in the Pool run the parent is client and master at once. "master
+  preempted /task": the daemon's involuntary context switches over the
+  throughput phase (/proc/<pid>/status), per task.
 
 The no-op: ``lbd:echo`` (returns its args) and, for Pool, a module-level
 function returning its args; --payload BYTES adds one string argument of
@@ -62,6 +64,15 @@ def noop(*args):
 def self_cpu():
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
+
+
+def preemptions(pid):
+    """Involuntary context switches of ``pid`` so far (/proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("nonvoluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    return 0
 
 
 def task_args(payload):
@@ -112,7 +123,7 @@ def measure_in_memory(submit, result, n, m):
     return {"rate": n / elapsed, "elapsed": elapsed,
             "p50": B.percentile(lat, 50) * 1e3,
             "p99": B.percentile(lat, 99) * 1e3,
-            "master_us": cpu / n * 1e6, "client_us": None,
+            "master_us": cpu / n * 1e6, "client_us": None, "preempted": None,
             "journal_bpt": None, "journal_bytes": None}
 
 
@@ -154,10 +165,12 @@ def run_lbd(workers, n, m, payload, mode, profile=None):
             submit_and_collect(c, [request] * WARMUP)
             size0 = os.path.getsize(daemon.journal)
             dcpu0, ccpu0 = daemon.cpu_seconds(), self_cpu()
+            pre0 = preemptions(daemon.pid)
             t0 = time.perf_counter()
             submit_and_collect(c, [request] * n)
             elapsed = time.perf_counter() - t0
             dcpu, ccpu = daemon.cpu_seconds() - dcpu0, self_cpu() - ccpu0
+            pre = preemptions(daemon.pid) - pre0
             size1 = os.path.getsize(daemon.journal)
             lat = []
             task = request["task"]
@@ -174,6 +187,7 @@ def run_lbd(workers, n, m, payload, mode, profile=None):
                 "p50": B.percentile(lat, 50) * 1e3,
                 "p99": B.percentile(lat, 99) * 1e3,
                 "master_us": dcpu / n * 1e6, "client_us": ccpu / n * 1e6,
+                "preempted": pre / n,
                 "journal_bpt": (size1 - size0) / n,
                 "journal_bytes": journal_bytes}
     finally:
@@ -284,10 +298,12 @@ def report(args, systems, results):
             B.spread([r["rate"] for r in results[system]]),
             med(system, "p50"), med(system, "p99"),
             med(system, "master_us"), med(system, "client_us"),
+            med(system, "preempted"),
             med(system, "journal_bpt"), med(system, "journal_bytes")])
     B.table(["system", "fsync", "tasks/s", "range", "p50 ms", "p99 ms",
              "master CPU us/task", "client CPU us/task",
-             "journal B/task", "journal bytes"], rows)
+             "master preempted /task", "journal B/task", "journal bytes"],
+            rows)
     pool = ("pool", None)
     rows = []
     for system in systems[1:]:
