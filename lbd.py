@@ -2552,7 +2552,7 @@ class _Connections:
         if conn.sock is None:   # closed by this turn's flush of answers
             return
         if mask & selectors.EVENT_WRITE:
-            self._flush_conn(conn)
+            self._send_conn(conn)   # only what a commit already let out
             if conn.sock is None:       # the flush found it gone
                 return
         if mask & selectors.EVENT_READ and not conn.eof:
@@ -2680,11 +2680,22 @@ class _Connections:
         self.journal_deps.add(conn)
 
     def _flush_conn(self, conn):
+        """Release the answered slots to the output, in order, and send.
+
+        Only _flush_answers (after its commit) and shutdown call this: an
+        answer leaves its slot once what it tells of is durable.
+        """
         if conn.sock is None:
             return
         slots = conn.slots
         while slots and slots[0][0] is not None:
             conn.outbuf += slots.popleft()[0]
+        self._send_conn(conn)
+
+    def _send_conn(self, conn):
+        """Send what the connection's output holds, without blocking."""
+        if conn.sock is None:
+            return
         if conn.outbuf:
             try:
                 sent = conn.sock.send(conn.outbuf)
@@ -4542,10 +4553,11 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
                     "message": "the daemon shut down before the task ended"})
         self._stop_compactor()
         self._stop_plugins(grace=min(2.0, self.cfg["plugins"].timeout))
-        if self.journal is not None and self._flush_journal():
-            self.journal.sync()
-        for conn in list(self.dirty):
-            self._flush_conn(conn)
+        # The last answers go through the same commit as every other: an
+        # ack whose record cannot be made durable is never sent.
+        self._flush_answers()
+        if self.journal is not None and not self.journal.failed:
+            self.journal.timed_sync()   # the rest of the records, too
         self.done = True
 
     def _emergency_stop(self):
