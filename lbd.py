@@ -1952,7 +1952,7 @@ class Journal:
         self.failed = message
 
     def needs_timed_sync(self):
-        return self.unsynced and self.mode in ("submits", "interval")
+        return self.unsynced and self.mode != "never"
 
     def close(self):
         if self.fd >= 0:

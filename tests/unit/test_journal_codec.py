@@ -1252,6 +1252,11 @@ def test_always_fsyncs_once_per_flush_that_wrote(journals, counted):
     assert fsyncs_for(journal, counted, []) == 0         # nothing written
     assert fsyncs_for(journal, counted, some_records(3), sync=True) == 1
     assert not journal.needs_timed_sync()
+    # Written but not flushed for an answer (the loop writes every turn
+    # and fsyncs when answers go out): the interval timer covers it.
+    journal.append(some_records(1)[0])
+    assert journal.write_out() and journal.needs_timed_sync()
+    assert journal.timed_sync() and not journal.needs_timed_sync()
 
 
 def test_submits_fsyncs_only_for_a_sync_record(journals, counted):
