@@ -1840,7 +1840,7 @@ class Journal:
         self.fd = -1
         self.buf = bytearray()
         self.sync_wanted = False     # a record whose ack needs an fsync
-        self.fresh = False           # appended to since the last flush
+        self.fresh = False           # appended to since the last commit
         self.appended = 0            # records appended, ever
         self.unsynced = False        # written, not yet fsynced
         self.failed = None           # the last write/fsync error, or None
@@ -1899,7 +1899,6 @@ class Journal:
 
     def write_out(self):
         """Write the buffer (no fsync); return False if the write failed."""
-        self.fresh = False
         try:
             while self.buf:
                 written = _write(self.fd, self.buf)
@@ -1923,7 +1922,7 @@ class Journal:
         except OSError as exc:
             self._fail(exc)
             return False
-        self.sync_wanted = False
+        self.sync_wanted = self.fresh = False
         if self.failed:
             log.warning("journal %s: writing again", self.path)
             self.failed = None
@@ -2668,8 +2667,8 @@ class _Connections:
                                   if request.__class__ is dict else NO_REQ)
         self.dirty.add(conn)
 
-    def _respond(self, conn, slot, response, req=NO_REQ):
-        slot[0] = encode_response(response, req)
+    def _respond(self, conn, slot, response):
+        slot[0] = encode_response(response)
         self.dirty.add(conn)
 
     def _answer_parked(self, conn, slot, response):
@@ -4346,7 +4345,6 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
         self.arrived = self.completed = 0        # this turn's, for Rates
         self.metrics_stale = False      # see _settle_metrics
         self.owed_turns = 0             # busy turns answers have waited
-        self.uncommitted = False        # records written since a commit
         self._init_metrics(cfg["scaling"])
         self.plugins = []                # PluginHost, one per plugin
         self.last_decision = None
@@ -4475,7 +4473,6 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
         if journal is None or not journal.buf:
             self._flush_workers()
         else:
-            self.uncommitted |= journal.fresh
             if journal.write_out():
                 # Dispatches go out once their records are written, so a
                 # kill -9 costs at most one duplicate per busy worker; they
@@ -4501,7 +4498,7 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
         journal = self.journal
         if journal is not None and (journal.buf or journal.failed or
                                     journal.sync_wanted or journal.unsynced):
-            fresh, self.uncommitted = self.uncommitted or journal.fresh, False
+            fresh = journal.fresh
             if not self._journal_done(journal.write_out() and
                                       journal.sync_for_acks()) and fresh:
                 # Answers that tell of records not durable yet wait for a
