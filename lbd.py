@@ -2645,7 +2645,8 @@ class _Connections:
             if entry is None:
                 raise RequestError(UNKNOWN_OP, f"unknown op {op!r}"[:200])
             method, allowed = entry
-            check_fields(request, allowed)
+            if not allowed.issuperset(request):
+                check_fields(request, allowed)
             if journal is None:
                 response = method(conn, request, slot)
             else:
@@ -2936,6 +2937,7 @@ class _Journaling:
 ###############################################################################
 
 
+_RESULT_KINDS = frozenset({"ok", "err"})
 _END_COUNTERS = {TaskState.DONE: "done", TaskState.DEAD: "dead",
                  TaskState.EXPIRED: "expired",
                  TaskState.CANCELLED: "cancelled"}
@@ -3326,7 +3328,10 @@ class _Workers:
                           "it", worker.id)
                 self._kill_worker(worker, "protocol", WorkerState.FAILED)
                 return
-            self._worker_message(worker, msg)
+            if msg["t"] in _RESULT_KINDS:
+                self._worker_result(worker, msg)
+            else:
+                self._worker_message(worker, msg)
 
     def _worker_message(self, worker, msg):
         kind = msg["t"]
@@ -3676,7 +3681,10 @@ class _Scaling:
     def _meter_workers(self):
         by_state = self.by_state
         busy = by_state[WorkerState.BUSY] + by_state[WorkerState.DRAINING]
-        self.meter.set(self.clock(), busy, busy + by_state[WorkerState.IDLE])
+        live = busy + by_state[WorkerState.IDLE]
+        meter = self.meter
+        if busy != meter.busy or live != meter.live:   # else: same slope
+            meter.set(self.clock(), busy, live)
 
     def _settle_metrics(self):
         """Apply what this loop turn counted: worker-state time, arrivals
@@ -4166,7 +4174,8 @@ class _Commands:
 
     def op_wait(self, conn, request, slot):
         task = self._get_task(request)
-        timeout = seconds_field(request, "timeout")
+        timeout = seconds_field(request, "timeout") \
+            if "timeout" in request else None
         if task.state in TERMINAL:
             return '{"ok":true,"task":' + task.view_json()
         timer = None
@@ -4363,6 +4372,9 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
             "reload": (self.op_reload, ()),
             "shutdown": (self.op_shutdown, ()),
         }
+        # Each op's allowed fields, "op" and "req" included.
+        self._ops = {op: (method, frozenset(fields) | {"op", "req"})
+                     for op, (method, fields) in self._ops.items()}
         self._signals = {
             signal.SIGTERM: self._on_term,
             signal.SIGINT: self._on_term,
