@@ -469,6 +469,7 @@ def ReadyQueue(aging_rate=0.0):
 
 
 _TASK_STATES = {state.value: state for state in TaskState}
+_NO_KWARGS = {}     # every task without kwargs shares it; never mutated
 
 
 class Task:
@@ -486,11 +487,13 @@ class Task:
     def __init__(self, seq, spec, submitted_at):
         self.id = str(seq)
         self.seq = seq
-        self.handler = spec["handler"]
-        # A tuple of plain values is not tracked by the cyclic GC, whose
-        # full collections otherwise scan every retained task's list.
+        # Shared, not one copy per task: the handler name interned, no
+        # kwargs one empty dict (nothing mutates a task's kwargs), args a
+        # tuple -- which the cyclic GC stops tracking once it holds plain
+        # values, where its full collections scanned every task's list.
+        self.handler = sys.intern(spec["handler"])
         self.args = tuple(spec["args"])
-        self.kwargs = spec["kwargs"]
+        self.kwargs = spec["kwargs"] or _NO_KWARGS
         self.priority = spec["priority"]
         self.timeout = spec["timeout"]
         self.max_attempts = spec["max_attempts"]
@@ -537,9 +540,9 @@ class Task:
         task = cls.__new__(cls)
         task.seq = seq = state["seq"]
         task.id = str(seq)
-        task.handler = state["handler"]
+        task.handler = sys.intern(state["handler"])
         task.args = tuple(state["args"])
-        task.kwargs = state["kwargs"]
+        task.kwargs = state["kwargs"] or _NO_KWARGS
         task.priority = state["priority"]
         task.timeout = state["timeout"]
         task.deadline_at = state["deadline_at"]
