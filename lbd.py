@@ -637,18 +637,6 @@ _RUN_JSON = ('{"t":"run","id":"%s","a":%d,"h":"%s","args":%s,"kw":%s,'
              '"p":%d,"dl":%s}')
 
 
-def _json_num(value):
-    return "null" if value is None else repr(value)
-
-
-def _json_list(value):
-    return _dumps_str(value) if value else "[]"
-
-
-def _json_dict(value):
-    return _dumps_str(value) if value else "{}"
-
-
 def result_is_current(task, worker, task_id, attempt):
     """Return True if a result for (task_id, attempt) may be accepted.
 
@@ -2667,12 +2655,11 @@ class _Connections:
         if response is None:   # parked: answered later through the slot
             slot.append(request.get("req"))
             return
-        slot[0] = encode_response(response, request.get("req", NO_REQ)
-                                  if request.__class__ is dict else NO_REQ)
-        self.dirty.add(conn)
+        self._respond(conn, slot, response, request.get("req", NO_REQ)
+                      if request.__class__ is dict else NO_REQ)
 
-    def _respond(self, conn, slot, response):
-        slot[0] = encode_response(response)
+    def _respond(self, conn, slot, response, req=NO_REQ):
+        slot[0] = encode_response(response, req)
         self.dirty.add(conn)
 
     def _answer_parked(self, conn, slot, response):
@@ -3155,9 +3142,10 @@ class _Tasks:
         self._record_json('{"k":"r","id":%d,"a":%d,"w":%d,"at":%r}' % (
             task.seq, attempt, wid, started))
         self._send_json(worker, _RUN_JSON % (
-            task.id, attempt, task.handler, _json_list(task.args),
-            _json_dict(task.kwargs), task.priority,
-            _json_num(task.deadline_at)))
+            task.id, attempt, task.handler,
+            _dumps_str(task.args) if task.args else "[]",
+            _dumps_str(task.kwargs) if task.kwargs else "{}", task.priority,
+            "null" if task.deadline_at is None else repr(task.deadline_at)))
         self._arm_check(worker, deadline)
 
 
@@ -4481,7 +4469,8 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
         return self.timers.push(when, (fn, arg))
 
     def _before_sleep(self):
-        """Group commit: write (and fsync) the journal; dispatch."""
+        """Write the turn's journal records, then send the dispatches
+        (the fsync answers need is _flush_answers')."""
         if self.metrics_stale:
             self._settle_metrics()
         journal = self.journal
