@@ -161,24 +161,6 @@ def start_redis(group):
     return sock
 
 
-def measure(submit, result, n, m):
-    """N submitted back to back then collected; M round trips."""
-    for handle in [submit() for _ in range(50)]:
-        result(handle)
-    t0 = time.perf_counter()
-    handles = [submit() for _ in range(n)]
-    for handle in handles:
-        result(handle)
-    elapsed = time.perf_counter() - t0
-    lat = []
-    for _ in range(m):
-        t = time.perf_counter()
-        result(submit())
-        lat.append(time.perf_counter() - t)
-    return {"rate": n / elapsed, "p50": B.percentile(lat, 50) * 1e3,
-            "p99": B.percentile(lat, 99) * 1e3}
-
-
 # -- the systems --------------------------------------------------------------
 
 def run_huey(group, n, m):
@@ -189,8 +171,9 @@ def run_huey(group, n, m):
                  "-w", "2", "-k", "process", "-q"], env=env, name="huey")
     sys.path.insert(0, group.workdir)
     import benchtasks
-    return measure(lambda: benchtasks.huey_noop(),
-                   lambda r: r.get(blocking=True, timeout=TIMEOUT), n, m)
+    return T.measure_in_memory(
+        lambda: benchtasks.huey_noop(),
+        lambda r: r.get(blocking=True, timeout=TIMEOUT), n, m)
 
 
 def run_celery(group, n, m):
@@ -205,8 +188,8 @@ def run_celery(group, n, m):
     import benchtasks
     wait_for(lambda: benchtasks.celery_noop.delay().get(timeout=5) == [],
              "celery workers")
-    return measure(lambda: benchtasks.celery_noop.delay(),
-                   lambda r: r.get(timeout=TIMEOUT), n, m)
+    return T.measure_in_memory(lambda: benchtasks.celery_noop.delay(),
+                               lambda r: r.get(timeout=TIMEOUT), n, m)
 
 
 def run_rq(group, n, m):
@@ -229,7 +212,8 @@ def run_rq(group, n, m):
         if got is None or got.type != got.Type.SUCCESSFUL:
             raise RuntimeError(f"rq job {job.id} did not succeed: {got}")
         return got.return_value
-    return measure(lambda: queue.enqueue(benchtasks.noop), result, n, m)
+    return T.measure_in_memory(lambda: queue.enqueue(benchtasks.noop),
+                               result, n, m)
 
 
 def run_beanstalkd(group, n, m):
@@ -259,7 +243,7 @@ def run_beanstalkd(group, n, m):
         job = client.reserve(timeout=int(TIMEOUT))
         client.delete(job)
     try:
-        return measure(submit, result, n, m)
+        return T.measure_in_memory(submit, result, n, m)
     finally:
         client.close()
 

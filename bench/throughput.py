@@ -105,7 +105,8 @@ def run_executor(workers, n, m, payload):
 
 
 def measure_in_memory(submit, result, n, m):
-    """The workload on an in-process pool: submit() -> handle, result()."""
+    """The workload through submit() -> handle and result(handle): the
+    in-memory pools here, and the broker-based systems of compare.py."""
     for r in [submit() for _ in range(WARMUP)]:
         result(r)
     cpu0, t0 = self_cpu(), time.perf_counter()
