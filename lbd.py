@@ -121,6 +121,7 @@ COMPACT_MIN = 1024
 #: A worker's receive chunk; results are small, big ones just take more.
 RECV_SIZE = 262144
 ANSWER_TURNS = 8                    # most busy loop turns an answer waits
+SETTLE_EVERY = 0.001                # seconds between metric settlements
 LINES_PER_TURN = 64                 # requests one connection gets a turn
 GC_THRESHOLDS = (10000, 20, 100)    # the master's (see Master.serve)
 _GC_DEFAULT = gc.get_threshold()
@@ -226,6 +227,10 @@ TASK_TRANSITIONS = {
 }
 
 TERMINAL = frozenset({_T.DONE, _T.DEAD, _T.EXPIRED, _T.CANCELLED})
+# The per-task path names states through these globals: on Python 3.11 an
+# enum member read as a class attribute costs several plain lookups.
+_QUEUED, _DELAYED, _RUNNING, _DONE = _T.QUEUED, _T.DELAYED, _T.RUNNING, _T.DONE
+_IDLE, _BUSY, _DRAINING = _W.IDLE, _W.BUSY, _W.DRAINING
 #: Worker states that count toward the pool size.
 LIVE_WORKER_STATES = frozenset({_W.STARTING, _W.IDLE, _W.BUSY})
 
@@ -233,8 +238,10 @@ LIVE_WORKER_STATES = frozenset({_W.STARTING, _W.IDLE, _W.BUSY})
 def transition(table, obj, new):
     """Move ``obj.state`` to ``new`` if ``table`` allows it; return the old.
 
-    Raises TransitionError naming both states otherwise. This is the only
-    place a worker's or a task's state is assigned.
+    Raises TransitionError naming both states otherwise. The master's
+    _task_to and _worker_to, the only places a state changes, apply the
+    same test inline (they run several times a task) and call this to
+    raise.
     """
     old = obj.state
     if new not in table[old]:
@@ -645,7 +652,7 @@ def result_is_current(task, worker, task_id, attempt):
     """
     return (task is not None and worker.kill_reason is None
             and task.id == task_id and task.attempts == attempt
-            and task.state is TaskState.RUNNING)
+            and task.state is _RUNNING)
 
 
 def backoff_delay(attempt, base, cap, rand=random.random):
@@ -823,39 +830,68 @@ def _number(spec, name, lo, hi, *, integer=False, low_open=False):
     return value
 
 
+#: What a submitted task gets for a field it leaves out, besides the
+#: configured timeout and max_attempts, and a new empty args and kwargs.
+_TASK_DEFAULTS = {"priority": 0, "deadline": None, "delay": None,
+                  "key": None, "retry_on_error": True}
+#: Handler names already matched against _HANDLER_RE (a few, in practice).
+_GOOD_HANDLERS = set()
+
+
+def _good_handler(name):
+    if name in _GOOD_HANDLERS:
+        return True
+    if not _HANDLER_RE.match(name):
+        return False
+    if len(_GOOD_HANDLERS) >= 4096:
+        _GOOD_HANDLERS.clear()
+    _GOOD_HANDLERS.add(name)
+    return True
+
+
 def validate_task(obj, defaults):
     """Check a submitted task object; return its fields, filled in.
 
     ``defaults`` gives ``timeout`` and ``max_attempts`` when absent.
     Raises RequestError(bad_request) naming the first offending field.
+    Each number is tested first as decoded JSON gives it (exact types);
+    _number then decides, and explains, anything else.
     """
     if obj.__class__ is not dict:
         raise _bad("'task' must be an object")
     if not TASK_FIELDS.issuperset(obj):
         unknown = sorted(set(obj) - TASK_FIELDS)
         raise _bad(f"unknown task field '{unknown[0]}'")
-    spec = {"args": [], "kwargs": {}, "priority": 0, "deadline": None,
-            "delay": None, "key": None, "retry_on_error": True, **defaults}
-    spec.update(obj)
+    spec = {"args": [], "kwargs": {}, **_TASK_DEFAULTS, **defaults, **obj}
     handler = spec.get("handler")
-    if handler.__class__ is not str or not _HANDLER_RE.match(handler):
+    if handler.__class__ is not str or not _good_handler(handler):
         raise _bad("task field 'handler' must be a string 'module:function'")
     if spec["args"].__class__ is not list:
         raise _bad("task field 'args' must be a list")
     if spec["kwargs"].__class__ is not dict:
         raise _bad("task field 'kwargs' must be an object")
-    _number(spec, "priority", -MAX_PRIORITY, MAX_PRIORITY, integer=True)
-    _number(spec, "timeout", 0, MAX_SECONDS, low_open=True)
-    _number(spec, "max_attempts", 1, MAX_ATTEMPTS, integer=True)
-    for name, low_open in (("deadline", True), ("delay", False)):
-        if spec[name] is not None:
-            _number(spec, name, 0, MAX_SECONDS, low_open=low_open)
+    value = spec["priority"]
+    if value.__class__ is not int or \
+            not -MAX_PRIORITY <= value <= MAX_PRIORITY:
+        _number(spec, "priority", -MAX_PRIORITY, MAX_PRIORITY, integer=True)
+    value = spec["timeout"]
+    if value.__class__ is not float and value.__class__ is not int or \
+            not 0 < value <= MAX_SECONDS:
+        _number(spec, "timeout", 0, MAX_SECONDS, low_open=True)
+    value = spec["max_attempts"]
+    if value.__class__ is not int or not 1 <= value <= MAX_ATTEMPTS:
+        _number(spec, "max_attempts", 1, MAX_ATTEMPTS, integer=True)
+    if spec["deadline"] is not None:
+        _number(spec, "deadline", 0, MAX_SECONDS, low_open=True)
+    if spec["delay"] is not None:
+        _number(spec, "delay", 0, MAX_SECONDS)
     key = spec["key"]
-    if key is not None and not (isinstance(key, str)
+    if key is not None and not (key.__class__ is str
                                 and 0 < len(key) <= MAX_KEY_LEN):
         raise _bad(f"task field 'key' must be a string of 1 to "
                    f"{MAX_KEY_LEN} characters")
-    if not isinstance(spec["retry_on_error"], bool):
+    value = spec["retry_on_error"]
+    if value is not True and value is not False:
         raise _bad("task field 'retry_on_error' must be true or false")
     return spec
 
@@ -1728,8 +1764,8 @@ def _worker_main(sock, modules, heartbeat_interval, parent):
                 reply["r"]))).encode("ascii") if reply["t"] == "ok" \
                 else dumps(reply)
             # Fewer brackets than the limit cannot nest past it.
-            if data.count(b"[") + data.count(b"{") > MAX_NESTING and \
-                    not nesting_ok(reply):
+            if len(data) > MAX_NESTING and data.count(b"[") + \
+                    data.count(b"{") > MAX_NESTING and not nesting_ok(reply):
                 raise ValueError(f"nested deeper than {MAX_NESTING} levels")
         except (TypeError, ValueError, RecursionError) as exc:
             data = dumps({"t": "err", "id": msg["id"], "a": msg["a"], "e": {
@@ -1873,8 +1909,10 @@ class Journal:
         self.append_json(_dumps_str(record), sync)
 
     def append_json(self, text, sync=False):
-        """Buffer one record given as its JSON text (see append)."""
-        self.buf += frame_json(text)
+        """Buffer one record given as its JSON text (see append), framed
+        as frame_json frames it (inline: three records a task)."""
+        payload = text.encode("ascii")
+        self.buf += b"%08x %s\n" % (zlib.crc32(payload), payload)
         self.fresh = True
         self.appended += 1
         if sync:
@@ -2621,12 +2659,17 @@ class _Connections:
         request = None
         journal = self.journal
         try:
-            request = loads(line)
+            try:
+                request = _strict_decode(line.decode("utf-8"))
+            except (ValueError, RecursionError):
+                request = loads(line)   # raises, saying what is wrong
             if request.__class__ is not dict:
                 raise _bad("a request must be a JSON object")
-            # Cheap bound first: fewer brackets than the limit cannot nest
-            # past it (brackets inside strings only make this cautious).
-            if line.count(b"[") + line.count(b"{") > MAX_NESTING and \
+            # Cheap bounds first: fewer brackets than the limit cannot
+            # nest past it (brackets inside strings only make this
+            # cautious), and a line shorter than the limit has fewer.
+            if len(line) > MAX_NESTING and line.count(b"[") + \
+                    line.count(b"{") > MAX_NESTING and \
                     not nesting_ok(request):
                 request = None
                 raise _bad(f"request nested deeper than {MAX_NESTING} "
@@ -2790,7 +2833,7 @@ class _Journaling:
 
     def _arm_timed_sync(self):
         journal = self.journal
-        if journal.needs_timed_sync() and self.sync_timer is None:
+        if self.sync_timer is None and journal.needs_timed_sync():
             self.sync_timer = self.call_at(self.clock() + journal.interval,
                                            self._timed_sync)
 
@@ -2940,15 +2983,20 @@ class _Tasks:
 
     def _task_to(self, task, new):
         """The one way a task's state changes: table, counts, events."""
-        old = transition(TASK_TRANSITIONS, task, new)
-        if old is TaskState.QUEUED:
+        old = task.state
+        if new not in TASK_TRANSITIONS[old]:
+            transition(TASK_TRANSITIONS, task, new)     # raises
+        task.state = new
+        if old is _QUEUED:
             by_priority = self.ready_by_priority
-            by_priority[task.priority] -= 1
-            if not by_priority[task.priority]:
+            left = by_priority[task.priority] - 1
+            if left:
+                by_priority[task.priority] = left
+            else:
                 del by_priority[task.priority]
-        if old is TaskState.RUNNING:
+        elif old is _RUNNING:
             self.running_count -= 1
-        if new is TaskState.RUNNING:
+        if new is _RUNNING:
             self.running_count += 1
         if self.plugins:
             self._emit({"kind": "task", "id": task.id, "state": new,
@@ -2968,15 +3016,15 @@ class _Tasks:
             task.expires = now + spec["deadline"]
             task.deadline_entry = self.deadlines.push(task.expires, task)
         if task.run_at is not None and spec["delay"] > 0:
-            self._task_to(task, TaskState.DELAYED)
+            self._task_to(task, _DELAYED)
             task.delay_entry = self.delayed.push(now + spec["delay"], task)
         else:
-            self._task_to(task, TaskState.QUEUED)
-            self._enqueue(task)
+            self._task_to(task, _QUEUED)
+            self._enqueue(task, now)
         self.counters["submitted"] += 1
         self.arrived += 1
         self.metrics_stale = True
-        self._record_json(task.submit_json(), sync=True)
+        self._record_json(task.submit_json(), True)
         return task
 
     def _finish(self, task, state, result=None, error=None, attempt=None):
@@ -2989,13 +3037,13 @@ class _Tasks:
         task.finished_mono = self.clock()
         task.result = result
         task.error = error
-        if old is not TaskState.RUNNING:    # a running task is in no heap
+        if old is not _RUNNING:    # a running task is in no heap
             self.ready.remove(task.entry)
             self.delayed.remove(task.delay_entry)
             self.deadlines.remove(task.deadline_entry)
             task.entry = task.delay_entry = task.deadline_entry = None
         self.counters[_END_COUNTERS[state]] += 1
-        if state is TaskState.DONE:
+        if state is _DONE:
             self._record_json('{"k":"d","id":%d,"r":%s,"at":%r}' % (
                 task.seq, _dumps_str(result), task.finished_at))
         else:
@@ -3121,7 +3169,7 @@ class _Tasks:
         idle, ready = self.idle, self.ready
         while idle and ready:
             worker = idle.pop()
-            if worker.state is not WorkerState.IDLE:
+            if worker.state is not _IDLE:
                 continue
             self._start_attempt(worker, ready.pop())
 
@@ -3130,8 +3178,8 @@ class _Tasks:
         if task.deadline_entry is not None:
             self.deadlines.remove(task.deadline_entry)
             task.deadline_entry = None
-        self._task_to(task, TaskState.RUNNING)
-        self._worker_to(worker, WorkerState.BUSY)
+        self._task_to(task, _RUNNING)
+        self._worker_to(worker, _BUSY)
         attempt = task.attempts = task.attempts + 1
         started = task.started_at = self.wall()
         wid = task.worker = worker.id
@@ -3371,7 +3419,7 @@ class _Workers:
             self._retire_some(old, excess)
 
     def _to_idle(self, worker):
-        self._worker_to(worker, WorkerState.IDLE)
+        self._worker_to(worker, _IDLE)
         self.idle.append(worker)
 
     def _worker_result(self, worker, msg):
@@ -3388,16 +3436,17 @@ class _Workers:
         self.run_time.observe(now - worker.attempt_started)
         self.completed += 1
         if msg["t"] == "ok":
-            self._finish(task, TaskState.DONE, result=msg["r"])
+            self._finish(task, _DONE, msg["r"])
         else:
             self._attempt_failed(task, msg["e"])
         self._after_task(worker)
 
     def _after_task(self, worker):
-        max_tasks = self.cfg["workers"].max_tasks
-        if worker.state is WorkerState.DRAINING or self.stopping:
+        if worker.state is _DRAINING or self.stopping:
             self._stop_worker(worker)
-        elif max_tasks and worker.tasks_done >= max_tasks:
+            return
+        max_tasks = self.cfg["workers"].max_tasks
+        if max_tasks and worker.tasks_done >= max_tasks:
             log.info("worker %d recycled after %d tasks", worker.id,
                      worker.tasks_done)
             self._stop_worker(worker)
@@ -3651,7 +3700,10 @@ class _Scaling:
 
     def _worker_to(self, worker, new):
         """The one way a worker's state changes: table, counts, events."""
-        old = transition(WORKER_TRANSITIONS, worker, new)
+        old = worker.state
+        if new not in WORKER_TRANSITIONS[old]:
+            transition(WORKER_TRANSITIONS, worker, new)     # raises
+        worker.state = new
         by_state = self.by_state
         if old is not None:
             by_state[old] -= 1
@@ -3671,19 +3723,21 @@ class _Scaling:
 
     def _meter_workers(self):
         by_state = self.by_state
-        busy = by_state[WorkerState.BUSY] + by_state[WorkerState.DRAINING]
-        live = busy + by_state[WorkerState.IDLE]
+        busy = by_state[_BUSY] + by_state[_DRAINING]
+        live = busy + by_state[_IDLE]
         meter = self.meter
         if busy != meter.busy or live != meter.live:   # else: same slope
             meter.set(self.clock(), busy, live)
 
     def _settle_metrics(self):
-        """Apply what this loop turn counted: worker-state time, arrivals
-        and completions. Once a turn, not once a task: it only moves a
-        count by the length of one turn."""
+        """Apply what the loop counted since the last call: worker-state
+        time, arrivals and completions. Not once a task: a busy loop calls
+        this every SETTLE_EVERY, and before it may sleep and before any
+        snapshot, so a count moves by at most that much."""
         self.metrics_stale = False
         self._meter_workers()
         now = self.clock()
+        self.settle_after = now + SETTLE_EVERY
         if self.arrived:
             self.arrivals.add(now, self.arrived)
             self.arrived = 0
@@ -3691,8 +3745,9 @@ class _Scaling:
             self.completions.add(now, self.completed)
             self.completed = 0
 
-    def _enqueue(self, task):
-        now = self.clock()
+    def _enqueue(self, task, now=None):
+        if now is None:
+            now = self.clock()
         self.ready_by_priority[task.priority] += 1
         task.queued_mono = now
         task.entry = self.ready.push_task(task)
@@ -4344,6 +4399,7 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
         self.by_state = collections.Counter()   # workers by state
         self.arrived = self.completed = 0        # this turn's, for Rates
         self.metrics_stale = False      # see _settle_metrics
+        self.settle_after = 0.0
         self.owed_turns = 0             # busy turns answers have waited
         self._init_metrics(cfg["scaling"])
         self.plugins = []                # PluginHost, one per plugin
@@ -4422,17 +4478,18 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
         # ANSWER_TURNS busy turns: under load one send (and one wake-up of
         # the client) carries many answers.
         events = self.selector.select(
-            0 if self.dirty or self.busy_conns else self._timeout())
+            0 if self.dirty or self.busy_conns else self._sleep_timeout())
         if self.dirty:
             idle = not events and not self.busy_conns
             if idle or self.owed_turns >= ANSWER_TURNS:
                 self._flush_answers()
                 if idle:
-                    events = self.selector.select(self._timeout())
+                    events = self.selector.select(self._sleep_timeout())
             else:
                 self.owed_turns += 1
-        for conn in list(self.busy_conns):   # lines left from a past turn
-            self._handle_lines(conn)
+        if self.busy_conns:
+            for conn in list(self.busy_conns):   # lines left from a turn
+                self._handle_lines(conn)
         for key, mask in events:
             handler, obj = key.data
             handler(obj, mask)
@@ -4442,6 +4499,13 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
         self._run_due(self.clock())
         self._dispatch()
         self._before_sleep()
+
+    def _sleep_timeout(self):
+        """The timeout of a select that may sleep: metrics settle first,
+        so the time asleep counts against what the workers are doing."""
+        if self.metrics_stale:
+            self._settle_metrics()
+        return self._timeout()
 
     def _timeout(self):
         due = [k for k in (self.timers.peek_key(), self.delayed.peek_key(),
@@ -4471,7 +4535,7 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
     def _before_sleep(self):
         """Write the turn's journal records, then send the dispatches
         (the fsync answers need is _flush_answers')."""
-        if self.metrics_stale:
+        if self.metrics_stale and self.clock() >= self.settle_after:
             self._settle_metrics()
         journal = self.journal
         if journal is None or not journal.buf:
