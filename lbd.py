@@ -2403,17 +2403,33 @@ def _signal_pid(pid, signum):
         pass
 
 
+_libc = None
+
+
+def _load_libc():
+    """Load libc for prctl, in the master, before any fork: a child that
+    imported ctypes itself spent milliseconds doing it."""
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+            _libc = ctypes.CDLL(None, use_errno=True)
+        except (OSError, AttributeError):
+            _libc = False
+    return _libc
+
+
 def _die_with_parent(parent):
     """Have the kernel SIGKILL this worker when the master dies (Linux).
 
     The heartbeat thread notices a dead master too, but not while the
     whole process is stopped or wedged; this covers those.
     """
+    libc = _load_libc()
     try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)       # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
+        if libc:
+            libc.prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except AttributeError:
         return
     if os.getppid() != parent:              # it died before the prctl
         os._exit(1)
@@ -3259,13 +3275,17 @@ class _Workers:
         """
         parent_sock, child_sock = socket.socketpair()
         master = os.getpid()
+        _load_libc()
         pid = self._fork()
         if pid == 0:
             status = 1
             try:
-                _die_with_parent(master)
+                # The master's descriptors first: until they are closed
+                # this child holds the journal's lock, and a master killed
+                # now must be restartable at once.
                 parent_sock.close()
                 self._close_in_child()
+                _die_with_parent(master)
                 _redirect_stdin()
                 status = run(child_sock, master)
             except BaseException:
