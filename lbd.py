@@ -574,8 +574,9 @@ class Task:
     def submit_json(self):
         """Return the journal submit record's JSON text, built directly.
 
-        The hot path's equivalent of ``{"k": "s", "t": submit_record()}``
-        through the encoder; a unit test keeps the two equal.
+        The hot path's equivalent of ``{"k": "S", "t": [the values of
+        submit_record(), in SUBMIT_FIELDS order]}`` through the encoder;
+        a unit test keeps the two equal.
         """
         dumps_str = _dumps_str
         return _SUBMIT_JSON % (
@@ -630,9 +631,7 @@ class Task:
 # _HANDLER_RE and ids are decimal, so neither needs escaping; numbers use
 # repr, as the json module does.
 _SUBMIT_JSON = (
-    '{"k":"s","t":{"seq":%d,"handler":"%s","args":%s,"kwargs":%s,'
-    '"priority":%d,"timeout":%r,"deadline_at":%s,"run_at":%s,'
-    '"max_attempts":%d,"key":%s,"retry_on_error":%s,"submitted_at":%r}}')
+    '{"k":"S","t":[%d,"%s",%s,%s,%d,%r,%s,%s,%d,%s,%s,%r]}')
 _VIEW_JSON = (
     '{"id":"%s","handler":"%s","args":%s,"kwargs":%s,"priority":%d,'
     '"state":"%s","attempts":%d,"max_attempts":%d,"timeout":%r,'
@@ -941,7 +940,10 @@ def seconds_field(request, name):
 # The first record is the header {"k": "h", "v": JOURNAL_VERSION}. Then,
 # keyed by "k", with "id" the task's integer sequence number:
 #
-#     s  submitted: "t" holds the fields the submit fixed
+#     S  submitted: "t" holds the values of the fields the submit fixed,
+#        in Task.SUBMIT_FIELDS order (version 2: a restart decodes one per
+#        queued task, and a list decodes in half the time of an object)
+#     s  submitted, as version 1 wrote it: "t" maps those fields to values
 #     t  a snapshot of one task's whole state (written by compaction)
 #     r  an attempt started: attempt "a", worker "w", epoch "at"
 #     d  done: result "r", epoch "at"
@@ -955,7 +957,7 @@ def seconds_field(request, name):
 # A reader of version N reads every version <= N; a new record kind or a
 # changed field means a new version, and the old reader code stays.
 
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2
 
 
 def encode_record(obj):
@@ -1061,8 +1063,18 @@ def _submitted(fields):
     return state
 
 
+_SUBMIT_FIELD_COUNT = len(Task.SUBMIT_FIELDS)
+
+
 def _apply(states, rec):
     kind = rec["k"]
+    if kind == "S":
+        values = rec["t"]
+        if values.__class__ is not list or \
+                len(values) != _SUBMIT_FIELD_COUNT:
+            raise TypeError(f"'t' holds {_SUBMIT_FIELD_COUNT} values")
+        states[values[0]] = _submitted(dict(zip(Task.SUBMIT_FIELDS, values)))
+        return
     if kind == "s":
         states[rec["t"]["seq"]] = _submitted(rec["t"])
         return

@@ -56,8 +56,9 @@ def progressed(task, step):
 
 def test_a_submit_record_built_by_template_equals_the_encoded_record():
     for task in task_variants():
-        expected = json.loads(lbd.dumps({"k": "s",
-                                          "t": task.submit_record()}))
+        fields = task.submit_record()
+        expected = json.loads(lbd.dumps({"k": "S", "t": [
+            fields[name] for name in lbd.Task.SUBMIT_FIELDS]}))
         assert json.loads(task.submit_json()) == expected
         # The journal frames it like any other record.
         assert lbd.decode_record(lbd.frame_json(task.submit_json())[:-1]) \

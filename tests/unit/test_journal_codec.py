@@ -345,7 +345,33 @@ A = 1796000000000101
 
 
 def submit(task):
+    """The submit record as the daemon writes it (journal version 2)."""
+    fields = task.submit_record()
+    return {"k": "S", "t": [fields[name] for name in lbd.Task.SUBMIT_FIELDS]}
+
+
+def submit_v1(task):
+    """The submit record as journal version 1 wrote it."""
     return {"k": "s", "t": task.submit_record()}
+
+
+def test_a_version_1_submit_record_replays_like_the_compact_one():
+    tasks = [make_task(A), make_task(A + 1, priority=-3, key="k1",
+                                     deadline=30.0, delay=60.0),
+             make_task(A + 2, args=[1, "two"], kwargs={"x": [None]})]
+    for task in tasks:
+        assert replayed([submit_v1(task)]) == replayed([submit(task)])
+    # The two kinds may share a journal: an old file the new daemon
+    # appended to.
+    mixed = replayed([submit_v1(tasks[0]), submit(tasks[1]),
+                      {"k": "r", "id": A, "a": 1, "w": 1, "at": WALL0}])
+    assert mixed[A]["state"] == "RUNNING" and mixed[A + 1]["key"] == "k1"
+
+
+def test_the_daemon_writes_the_compact_submit_record():
+    task = make_task(A, args=[1], key="k")
+    assert lbd.decode_record(lbd.frame_json(task.submit_json())[:-1]) == \
+        json.loads(json.dumps(submit(task)))
 
 
 def start(seq, attempt, worker=1, at=WALL0 + 1):
@@ -537,6 +563,8 @@ def test_an_unknown_record_kind_is_an_error():
     {"k": "f", "id": A, "e": None, "crash": False},         # no run_at
     {"k": "x", "id": A, "e": None, "at": WALL0},            # no state
     {"k": "s", "t": {"seq": A}},                            # no fields
+    {"k": "S", "t": [A + 1]},                               # too few
+    {"k": "S", "t": {"seq": A + 1}},                        # not a list
 ])
 def test_a_malformed_record_is_a_journal_error_not_a_crash(bad):
     with pytest.raises(lbd.JournalError, match="malformed"):
@@ -997,7 +1025,7 @@ def test_a_snapshot_installed_replays_to_the_same_state(masters, tmp_path):
     kinds = [r["k"] for r in records[1:]]
     snapshots = len(m1.tasks) - 1
     assert kinds[:snapshots] == ["t"] * snapshots      # one per task...
-    assert kinds[snapshots:] == ["s", "r", "d"]        # ...then the rest
+    assert kinds[snapshots:] == ["S", "r", "d"]        # ...then the rest
     assert path.stat().st_size < before * 2
     assert journal.size == journal.base_size == path.stat().st_size
     assert journal_states(path) == live_states(m1)
