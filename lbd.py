@@ -532,32 +532,49 @@ class Task:
         return {name: getattr(self, name) for name in self.SUBMIT_FIELDS}
 
     def state_dict(self):
-        """Return the whole task state, as a snapshot record keeps it."""
-        return {name: getattr(self, name)
-                for name in self.SUBMIT_FIELDS + self.PROGRESS_FIELDS}
+        """Return the whole task state, as a snapshot record keeps it;
+        its containers are new ones, the caller's to change."""
+        state = {name: getattr(self, name)
+                 for name in self.SUBMIT_FIELDS + self.PROGRESS_FIELDS}
+        state["args"] = list(self.args)
+        state["kwargs"] = dict(self.kwargs)
+        state["errors"] = list(self.errors)
+        return state
 
     @classmethod
-    def from_state(cls, state):
-        """Rebuild a task from a replayed or snapshot state dict.
+    def from_submit(cls, values):
+        """Rebuild a task as its submit left it, from the values of its
+        SUBMIT_FIELDS in that order (a journal "S" record).
 
         Every slot is assigned by name (a replay of a million tasks spent
         a third of its time in a setattr loop); a unit test checks that
         none is missed.
         """
         task = cls.__new__(cls)
-        task.seq = seq = state["seq"]
+        (seq, handler, args, kwargs, task.priority, task.timeout,
+         task.deadline_at, run_at, task.max_attempts, task.key,
+         task.retry_on_error, submitted_at) = values
+        task.seq = seq
         task.id = str(seq)
-        task.handler = sys.intern(state["handler"])
-        task.args = tuple(state["args"])
-        task.kwargs = state["kwargs"] or _NO_KWARGS
-        task.priority = state["priority"]
-        task.timeout = state["timeout"]
-        task.deadline_at = state["deadline_at"]
-        task.run_at = state["run_at"]
-        task.max_attempts = state["max_attempts"]
-        task.key = state["key"]
-        task.retry_on_error = state["retry_on_error"]
-        task.submitted_at = state["submitted_at"]
+        task.handler = sys.intern(handler)
+        task.args = tuple(args)
+        task.kwargs = kwargs or _NO_KWARGS
+        task.run_at = run_at
+        task.submitted_at = submitted_at
+        task.state = _DELAYED if run_at is not None and \
+            run_at > submitted_at else _QUEUED
+        task.attempts = task.crashes = 0
+        task.started_at = task.finished_at = None
+        task.result = task.error = task.worker = None
+        task.errors = ()
+        task.entry = task.delay_entry = task.deadline_entry = None
+        task.expires = task.finished_mono = task.queued_mono = None
+        return task
+
+    @classmethod
+    def from_state(cls, state):
+        """Rebuild a task from a snapshot's (or replay's) state dict."""
+        task = cls.from_submit([state[name] for name in cls.SUBMIT_FIELDS])
         task.state = _TASK_STATES[state["state"]]
         task.attempts = state["attempts"]
         task.crashes = state["crashes"]
@@ -565,10 +582,8 @@ class Task:
         task.finished_at = state["finished_at"]
         task.result = state["result"]
         task.error = state["error"]
-        task.errors = state["errors"] or ()
+        task.errors = list(state["errors"]) or ()
         task.worker = state["worker"]
-        task.entry = task.delay_entry = task.deadline_entry = None
-        task.expires = task.finished_mono = task.queued_mono = None
         return task
 
     def submit_json(self):
@@ -1053,74 +1068,104 @@ def check_header(records):
     return records[1:]
 
 
-def _submitted(fields):
-    state = fields      # a freshly decoded record: ours to complete
-    delayed = fields["run_at"] is not None and \
-        fields["run_at"] > fields["submitted_at"]
-    state.update(state="DELAYED" if delayed else "QUEUED", attempts=0,
-                 crashes=0, started_at=None, finished_at=None, result=None,
-                 error=None, errors=[], worker=None)
-    return state
-
-
 _SUBMIT_FIELD_COUNT = len(Task.SUBMIT_FIELDS)
 
 
-def _apply(states, rec):
+def _apply(tasks, rec):
+    """Apply one journal record to {seq: Task}: what replay repeats.
+
+    Returns the sequence number a submit or snapshot record added."""
     kind = rec["k"]
     if kind == "S":
         values = rec["t"]
         if values.__class__ is not list or \
                 len(values) != _SUBMIT_FIELD_COUNT:
             raise TypeError(f"'t' holds {_SUBMIT_FIELD_COUNT} values")
-        states[values[0]] = _submitted(dict(zip(Task.SUBMIT_FIELDS, values)))
-        return
-    if kind == "s":
-        states[rec["t"]["seq"]] = _submitted(rec["t"])
-        return
+        task = tasks[values[0]] = Task.from_submit(values)
+        return task.seq
+    if kind == "s":         # version 1: the same fields, by name
+        fields = rec["t"]
+        task = tasks[fields["seq"]] = Task.from_submit(
+            [fields[name] for name in Task.SUBMIT_FIELDS])
+        return task.seq
     if kind == "t":
-        states[rec["t"]["seq"]] = rec["t"]
-        return
-    state = states.get(rec.get("id"))
-    if state is None:
-        return          # a task dropped by an earlier compaction
+        task = tasks[rec["t"]["seq"]] = Task.from_state(rec["t"])
+        return task.seq
+    task = tasks.get(rec.get("id"))
+    if task is None:
+        if kind not in _RECORD_KINDS:
+            raise JournalError(f"unknown journal record kind {kind!r}")
+        return None     # a task dropped by an earlier compaction
     if kind == "r":
-        state.update(state="RUNNING", attempts=rec["a"], worker=rec["w"],
-                     started_at=rec["at"])
+        task.state = _RUNNING
+        task.attempts, task.worker, task.started_at = \
+            rec["a"], rec["w"], rec["at"]
     elif kind == "d":
-        state.update(state="DONE", result=rec["r"], finished_at=rec["at"],
-                     error=None)
+        task.state = _DONE
+        task.result, task.finished_at = rec["r"], rec["at"]
+        task.error = None
     elif kind == "f":
-        state["errors"].append(rec["e"])
-        state["crashes"] += 1 if rec["crash"] else 0
-        state.update(error=rec["e"], run_at=rec["run_at"] or state["run_at"],
-                     state="DELAYED" if rec["run_at"] else "QUEUED")
+        error, run_at = rec["e"], rec["run_at"]
+        task.errors = [*task.errors, error]
+        if rec["crash"]:
+            task.crashes += 1
+        task.error = error
+        task.run_at = run_at or task.run_at
+        task.state = _DELAYED if run_at else _QUEUED
     elif kind == "x":
+        state, error, finished_at = _TASK_STATES[rec["st"]], rec["e"], \
+            rec["at"]
         if "le" in rec:     # the failed attempt that ended the task
-            state["errors"].append(rec["le"])
-            state["crashes"] = rec["crash"]
-        state.update(state=rec["st"], error=rec["e"], finished_at=rec["at"])
+            task.errors = [*task.errors, rec["le"]]
+            task.crashes = rec["crash"]
+        task.state, task.error, task.finished_at = state, error, finished_at
     elif kind == "q":
-        state.update(state="QUEUED", attempts=state["attempts"] - 1)
+        task.state = _QUEUED
+        task.attempts -= 1
     else:
         raise JournalError(f"unknown journal record kind {kind!r}")
+    return None
+
+
+_RECORD_KINDS = frozenset(("S", "s", "t", "r", "d", "f", "x", "q"))
+
+
+def replay_tasks(records):
+    """Rebuild every task from journal records (header excluded).
+
+    Returns {seq: Task}, in submission order. Tasks that were RUNNING
+    when the journal ends are left RUNNING: the master decides what
+    becomes of them. ``records`` may be any iterable; what it yields is
+    not kept (a restart replays a million records through this).
+    """
+    tasks = {}
+    last, in_order = None, True     # a journal's submits come in order
+    for rec in records:
+        try:
+            seq = _apply(tasks, rec)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise JournalError(f"malformed {rec.get('k')!r} record: "
+                               f"{exc!r}") from None
+        if seq is not None:
+            if last is not None and seq <= last:
+                in_order = False
+            last = seq
+    return tasks if in_order else dict(sorted(tasks.items()))
+
+
+def _consumed(records):
+    """Yield a list's items in order, dropping each from the list as it
+    goes: a restart frees a million records as it replays them."""
+    records.reverse()
+    pop = records.pop
+    while records:
+        yield pop()
 
 
 def replay(records):
-    """Rebuild every task's state from journal records (header excluded).
-
-    Returns {seq: state dict}, in submission order. Tasks that were
-    RUNNING when the journal ends are left RUNNING: ``recover_state``
-    decides what becomes of them.
-    """
-    states = {}
-    for rec in records:
-        try:
-            _apply(states, rec)
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise JournalError(f"malformed {rec.get('k')!r} record: "
-                               f"{exc!r}") from None
-    return dict(sorted(states.items()))
+    """Rebuild every task's state as a dict (see replay_tasks)."""
+    return {seq: task.state_dict()
+            for seq, task in replay_tasks(records).items()}
 
 
 def survey_journal(data):
@@ -2899,14 +2944,14 @@ class _Journaling:
                  time.monotonic() - started)
 
     def _replay_into_queues(self):
-        states = replay(self.journal.open())
+        replayed = replay_tasks(_consumed(self.journal.open()))
         now, wall = self.clock(), self.wall()
         tcfg = self.cfg["tasks"]
         keyed_ttl = max(tcfg.result_ttl, tcfg.dedupe_window)
         finished, live = [], []
-        for seq, state in states.items():
-            self._next_seq = max(self._next_seq, seq + 1)
-            task = Task.from_state(state)
+        if replayed:
+            self._next_seq = max(self._next_seq, next(reversed(replayed)) + 1)
+        for task in replayed.values():
             if task.state not in TERMINAL:
                 live.append(task)
             elif task.finished_at + (tcfg.result_ttl if task.key is None
@@ -2922,13 +2967,13 @@ class _Journaling:
                 self.keys[task.key] = task.id
             self._schedule_recovered(task, now, wall)
         log.info("journal %s: %d task(s), %d live, %d finished kept",
-                 self.journal.path, len(states),
+                 self.journal.path, len(replayed),
                  len(self.tasks) - len(finished), len(finished))
 
     def _schedule_recovered(self, task, now, wall):
         if task.deadline_at is not None:
             task.expires = now + (task.deadline_at - wall)
-        if task.state is TaskState.RUNNING:
+        if task.state is _RUNNING:
             # The attempt ran when the daemon died: it counts, and the task
             # goes back in line at once (at-least-once).
             self.running_count += 1
@@ -2937,11 +2982,11 @@ class _Journaling:
             return
         if task.expires is not None:
             task.deadline_entry = self.deadlines.push(task.expires, task)
-        if task.state is TaskState.DELAYED:
+        if task.state is _DELAYED:
             task.delay_entry = self.delayed.push(now + (task.run_at - wall),
                                                  task)
         else:
-            self._enqueue(task)
+            self._enqueue(task, now)
 
     def _retain_recovered(self, task, now, wall):
         task.finished_mono = now - (wall - task.finished_at)

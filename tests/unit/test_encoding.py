@@ -110,3 +110,14 @@ def test_a_task_rebuilt_from_its_state_has_every_slot(step):
         for name in lbd.Task.__slots__:
             assert hasattr(back, name), name
         assert json.loads(back.view_json()) == json.loads(task.view_json())
+
+
+def test_a_task_rebuilt_from_its_submit_record_has_every_slot():
+    for task in task_variants():
+        record = lbd.decode_record(lbd.frame_json(task.submit_json())[:-1])
+        back = lbd.Task.from_submit(record["t"])
+        for name in lbd.Task.__slots__:
+            assert hasattr(back, name), name
+        task.state = lbd.TaskState.DELAYED if task.run_at is not None and \
+            task.run_at > task.submitted_at else lbd.TaskState.QUEUED
+        assert json.loads(back.view_json()) == json.loads(task.view_json())

@@ -574,10 +574,17 @@ def test_a_malformed_record_is_a_journal_error_not_a_crash(bad):
 def test_replay_orders_tasks_by_sequence():
     seqs = [A + 30, A + 10, A + 20, A + 5]
     records = [submit(make_task(s)) for s in seqs]
-    records.append({"k": "t", "t": make_task(A + 1).state_dict()})
+    snapshot = make_task(A + 1)
+    snapshot.state = lbd.TaskState.QUEUED
+    records.append({"k": "t", "t": snapshot.state_dict()})
     states = replayed(records)
     assert list(states) == sorted(seqs + [A + 1])
     assert all(states[s]["seq"] == s for s in states)
+
+
+def test_replay_keeps_a_journal_in_order_as_it_is():
+    records = [submit(make_task(A + i)) for i in range(5)]
+    assert list(lbd.replay_tasks(records)) == [A + i for i in range(5)]
 
 
 # == Replay matches the Master it came from ===================================
