@@ -3664,6 +3664,11 @@ class _Supervision:
             host = next((h for h in self.plugins if h.pid == pid), None)
             if host is not None:
                 host.pid = None
+                # What it sent before it went says why, better than how
+                # it exited: read that first.
+                for _ in range(64):
+                    if host.sock is None or not self._read_plugin(host):
+                        break
                 self._disable_plugin(host, _describe_exit(
                     _exit_info(status, rusage)))
                 continue
