@@ -354,26 +354,50 @@ class AgingQueue(LazyHeap):
     def push_task(self, task):
         """Queue ``task`` under its priority and original sequence."""
         key = self.aging_rate * task.submitted_at - task.priority
-        return self.push(key, task, task.seq)
+        task.entry = self.push(key, task, task.seq)
+
+    def remove_task(self, task):
+        """Drop a queued task; one popped or removed already is ignored."""
+        self.remove(task.entry)
+        task.entry = None
+
+    def pop(self):
+        task = super().pop()
+        if task is not None:
+            task.entry = None
+        return task
+
+
+#: A task's ``entry`` while it waits in a LevelQueue's FIFO.
+_IN_FIFO = "in a FIFO"
 
 
 class LevelQueue:
     """Ready tasks by strict priority: a FIFO per priority level.
 
-    New tasks arrive in sequence order, so each level is a deque; a task
-    that comes back with an older sequence (a retry keeps its place) goes
-    into that level's small heap instead, and a pop takes the older of the
+    New tasks arrive in sequence order, so each level is a deque of the
+    tasks themselves; a task that comes back with an older sequence (a
+    retry keeps its place) goes into that level's small heap instead, as
+    an entry ``[-priority, seq, task]``, and a pop takes the older of the
     two heads. A heap of the levels present picks the highest. Pops touch
     only the heads: no sift through a heap of every queued task, whose
-    cache misses halve dispatch with a million queued. Entries are
-    ``[-priority, seq, task]``; removal marks them, as in LazyHeap.
+    cache misses halve dispatch with a million queued; and no entry per
+    task in a FIFO, 96 bytes each.
+
+    The queue owns ``task.entry`` while the task is queued: _IN_FIFO, or
+    its heap entry. Removal is lazy, as in LazyHeap: the task's entry is
+    cleared (a heap entry's task too), and what a FIFO or heap head holds
+    that is no longer queued there is dropped when it reaches the head.
+    A task queued again while a removed copy still waits in a FIFO goes
+    to the heap (its sequence is not above the FIFO's tail), so a FIFO
+    never holds a task twice as queued.
     """
 
     __slots__ = ("_levels", "_keys", "_live", "_dead")
     aging_rate = 0.0
 
     def __init__(self):
-        self._levels = {}       # -priority -> (deque of entries, heap)
+        self._levels = {}       # -priority -> (deque of tasks, heap)
         self._keys = []         # heap of the -priority keys present
         self._live = self._dead = 0
 
@@ -386,24 +410,28 @@ class LevelQueue:
 
     def push_task(self, task):
         """Queue ``task`` under its priority and original sequence."""
-        entry = [-task.priority, task.seq, task]
-        level = self._levels.get(entry[0])
+        key = -task.priority
+        level = self._levels.get(key)
         if level is None:
-            level = self._levels[entry[0]] = (collections.deque(), [])
-            heapq.heappush(self._keys, entry[0])
+            level = self._levels[key] = (collections.deque(), [])
+            heapq.heappush(self._keys, key)
         fifo, late = level
-        if fifo and fifo[-1][1] > entry[1]:
+        if fifo and fifo[-1].seq >= task.seq:
+            task.entry = entry = [key, task.seq, task]
             heapq.heappush(late, entry)
         else:
-            fifo.append(entry)
+            task.entry = _IN_FIFO
+            fifo.append(task)
         self._live += 1
-        return entry
 
-    def remove(self, entry):
-        """Drop a pushed entry; popped or removed entries are ignored."""
-        if entry is None or entry[2] is None:
+    def remove_task(self, task):
+        """Drop a queued task; one popped or removed already is ignored."""
+        entry = task.entry
+        if entry is None:
             return
-        entry[2] = None
+        if entry is not _IN_FIFO:
+            entry[2] = None
+        task.entry = None
         self._live -= 1
         self._dead += 1
         if self._dead > COMPACT_MIN and self._dead > self._live:
@@ -412,7 +440,7 @@ class LevelQueue:
     def _compact(self):
         levels = {}
         for key, (fifo, late) in self._levels.items():
-            fifo = collections.deque(e for e in fifo if e[2] is not None)
+            fifo = collections.deque(t for t in fifo if t.entry is _IN_FIFO)
             late = [e for e in late if e[2] is not None]
             if fifo or late:
                 heapq.heapify(late)
@@ -423,11 +451,11 @@ class LevelQueue:
         self._dead = 0
 
     def _head(self):
-        """Return (level, from_late) of the next live entry, or None."""
+        """Return (level, from_late) of the next live task, or None."""
         while self._keys:
             key = self._keys[0]
             fifo, late = level = self._levels[key]
-            while fifo and fifo[0][2] is None:
+            while fifo and fifo[0].entry is not _IN_FIFO:
                 fifo.popleft()
                 self._dead -= 1
             while late and late[0][2] is None:
@@ -435,7 +463,7 @@ class LevelQueue:
                 self._dead -= 1
             if fifo or late:
                 return level, bool(late) and (not fifo or
-                                              late[0][1] < fifo[0][1])
+                                              late[0][1] < fifo[0].seq)
             heapq.heappop(self._keys)
             del self._levels[key]
         return None
@@ -446,7 +474,7 @@ class LevelQueue:
         if head is None:
             return None
         (fifo, late), from_late = head
-        return (late[0] if from_late else fifo[0])[0]
+        return late[0][0] if from_late else -fifo[0].priority
 
     def pop_due(self, limit):
         """Remove and return, in order, every task whose key <= limit."""
@@ -458,10 +486,14 @@ class LevelQueue:
         if head is None:
             return None
         (fifo, late), from_late = head
-        entry = heapq.heappop(late) if from_late else fifo.popleft()
-        item, entry[2] = entry[2], None
+        if from_late:
+            entry = heapq.heappop(late)
+            task, entry[2] = entry[2], None
+        else:
+            task = fifo.popleft()
+        task.entry = None
         self._live -= 1
-        return item
+        return task
 
 
 def ReadyQueue(aging_rate=0.0):
@@ -3111,7 +3143,7 @@ class _Tasks:
         task.result = result
         task.error = error
         if old is not _RUNNING:    # a running task is in no heap
-            self.ready.remove(task.entry)
+            self.ready.remove_task(task)
             self.delayed.remove(task.delay_entry)
             self.deadlines.remove(task.deadline_entry)
             task.entry = task.delay_entry = task.deadline_entry = None
@@ -3247,7 +3279,6 @@ class _Tasks:
             self._start_attempt(worker, ready.pop())
 
     def _start_attempt(self, worker, task):
-        task.entry = None
         if task.deadline_entry is not None:
             self.deadlines.remove(task.deadline_entry)
             task.deadline_entry = None
@@ -3832,7 +3863,7 @@ class _Scaling:
             now = self.clock()
         self.ready_by_priority[task.priority] += 1
         task.queued_mono = now
-        task.entry = self.ready.push_task(task)
+        self.ready.push_task(task)
         self.ready_fifo.append((now, task))
 
     def oldest_wait(self, now):

@@ -651,7 +651,7 @@ def dispatch(m, task, wid=1):
         assert top is not None, f"task {task.id} is not ready"
         ahead.append(top)
     for other in ahead:
-        other.entry = m.ready.push_task(other)
+        m.ready.push_task(other)
     worker = fake_worker(wid)
     m._start_attempt(worker, task)
     return worker

@@ -10,13 +10,15 @@ import lbd
 
 
 class FakeTask:
-    """What ReadyQueue.push_task reads from a task, and a name."""
+    """What a ReadyQueue reads from a task (and the ``entry`` it keeps on
+    it while the task is queued), and a name."""
 
     def __init__(self, name, priority, seq, submitted_at=0.0):
         self.name = name
         self.priority = priority
         self.seq = seq
         self.submitted_at = submitted_at
+        self.entry = None
 
     def __repr__(self):
         return (f"FakeTask({self.name!r}, p={self.priority}, "
@@ -99,10 +101,11 @@ def test_lazy_heap_default_seq_is_fifo_among_equal_keys():
 def test_removed_entry_never_pops_and_len_counts_only_live():
     q = lbd.ReadyQueue()
     tasks = [FakeTask(f"t{i}", i % 3, i) for i in range(10)]
-    entries = [q.push_task(t) for t in tasks]
+    for t in tasks:
+        q.push_task(t)
     assert len(q) == 10
     for i in (0, 4, 9):
-        q.remove(entries[i])
+        q.remove_task(tasks[i])
     assert len(q) == 7
     popped = drain(q)
     assert len(popped) == 7
@@ -193,13 +196,14 @@ def test_compaction_keeps_the_heap_bounded(keep_every):
 def test_compaction_in_a_ready_queue_keeps_order():
     q = lbd.ReadyQueue()
     tasks = [FakeTask(f"t{i}", i % 7, i) for i in range(5000)]
-    entries = [q.push_task(t) for t in tasks]
+    for t in tasks:
+        q.push_task(t)
     survivors = []
-    for t, e in zip(tasks, entries):
+    for t in tasks:
         if t.seq % 13 == 0:
             survivors.append(t)
         else:
-            q.remove(e)
+            q.remove_task(t)
     assert q.heap_size() <= _bound(len(survivors))
     expected = sorted(survivors, key=lambda t: (-t.priority, t.seq))
     assert drain(q) == expected
@@ -325,8 +329,8 @@ def test_randomized_against_sorted_list_model(aging_rate):
     rng = random.Random(seed)
     q = lbd.ReadyQueue(aging_rate=aging_rate)
     model = []          # sorted [(key, seq, task)] of live tasks
-    live = {}           # seq -> (entry, model key)
-    gone = []           # entries already popped or removed
+    live = {}           # seq -> (task, model key)
+    gone = []           # tasks already popped or removed
     seq = 0
     # Phases bias the op mix so the queue grows big, then shrinks through
     # removals (driving compaction), then drains through pops.
@@ -338,23 +342,23 @@ def test_randomized_against_sorted_list_model(aging_rate):
                 seq += 1
                 task = FakeTask(f"t{seq}", rng.randint(-3, 3), seq,
                                 submitted_at=rng.choice([0.0, 1.0, 2.5]))
-                entry = q.push_task(task)
+                q.push_task(task)
                 key = -task.priority + aging_rate * task.submitted_at
                 bisect.insort(model, (key, seq, task),
                               key=lambda x: (x[0], x[1]))
-                live[seq] = (entry, key)
+                live[seq] = (task, key)
             elif r < p_push + p_remove:
                 if gone and rng.random() < 0.2:
-                    q.remove(rng.choice(gone))      # must be a no-op
+                    q.remove_task(rng.choice(gone))     # must be a no-op
                 else:
                     victim_seq = rng.choice(list(live))
-                    entry, key = live.pop(victim_seq)
+                    victim, key = live.pop(victim_seq)
                     i = bisect.bisect_left(model, (key, victim_seq),
                                            key=lambda x: (x[0], x[1]))
                     assert model[i][1] == victim_seq
                     del model[i]
-                    q.remove(entry)
-                    gone.append(entry)
+                    q.remove_task(victim)
+                    gone.append(victim)
                     assert q.heap_size() <= 2 * len(q) + lbd.COMPACT_MIN \
                         + 1, f"seed={seed}"
             else:
@@ -425,7 +429,7 @@ def test_level_queue_matches_a_sorted_model():
     rng = random.Random(seed)
     q = lbd.ReadyQueue()
     model = {}          # name -> (key, seq)
-    entries = {}
+    queued = {}         # name -> task
     popped = []         # tasks that may come back as retries
     seq = 0
     for step in range(20000):
@@ -437,8 +441,9 @@ def test_level_queue_matches_a_sorted_model():
             task = popped.pop(rng.randrange(len(popped)))   # a retry
         elif op < 0.75:
             name = rng.choice(list(model))
-            q.remove(entries.pop(name))
-            q.remove(entries.get(name))                      # no-op twice
+            gone = queued.pop(name)
+            q.remove_task(gone)
+            q.remove_task(gone)                              # no-op twice
             del model[name]
             continue
         else:
@@ -446,10 +451,11 @@ def test_level_queue_matches_a_sorted_model():
             assert q.peek_key() == model[expected][0], (seed, step)
             task = q.pop()
             assert task.name == expected, (seed, step)
-            del model[task.name], entries[task.name]
+            del model[task.name], queued[task.name]
             popped.append(task)
             continue
-        entries[task.name] = q.push_task(task)
+        q.push_task(task)
+        queued[task.name] = task
         model[task.name] = (-task.priority, task.seq)
         assert len(q) == len(model), (seed, step)
         assert q.heap_size() <= 2 * len(q) + lbd.COMPACT_MIN + 1
@@ -458,3 +464,28 @@ def test_level_queue_matches_a_sorted_model():
         assert q.pop().name == expected, seed
         del model[expected]
     assert q.pop() is None and q.peek_key() is None and len(q) == 0
+
+
+def test_a_task_removed_and_queued_again_pops_once_in_its_place():
+    # A removed task stays in its FIFO until it reaches the head; queued
+    # again meanwhile, it must pop once, by its sequence, and not twice.
+    q = lbd.ReadyQueue()
+    tasks = [FakeTask(f"t{i}", 0, i) for i in range(1, 5)]
+    for t in tasks:
+        q.push_task(t)
+    q.remove_task(tasks[1])
+    q.push_task(tasks[1])
+    assert len(q) == 4
+    assert drain(q) == tasks
+    assert q.pop() is None and len(q) == 0 and q.heap_size() == 0
+
+
+def test_a_queued_task_carries_its_queue_entry_until_it_leaves():
+    for q in (lbd.ReadyQueue(), lbd.ReadyQueue(0.5)):
+        a, b = FakeTask("a", 1, 1), FakeTask("b", 0, 2)
+        q.push_task(a)
+        q.push_task(b)
+        assert a.entry is not None and b.entry is not None
+        assert q.pop() is a and a.entry is None
+        q.remove_task(b)
+        assert b.entry is None and len(q) == 0
