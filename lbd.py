@@ -1062,42 +1062,55 @@ def _hides_a_record(line):
     return False
 
 
-def scan_journal(data):
-    """Split journal bytes into records.
+def iter_journal(data, tail):
+    """Yield the records of journal bytes in order, decoding each as it
+    is reached (a restart holds no million decoded records at once).
 
-    Returns (records, end, torn): ``end`` is the offset just past the last
-    good record and ``torn`` describes a damaged tail (None if clean).
-    A damaged record followed by good ones is corruption, not a torn
-    write: raises JournalCorrupt naming its byte offset.
+    Once every good record is yielded, ``tail`` (a list) gets ``end``,
+    the offset just past the last good record, and ``torn``, what damaged
+    the tail (None if clean). A damaged record followed by good ones is
+    corruption, not a torn write: raises JournalCorrupt naming its byte
+    offset.
     """
-    records = []
     pos, size = 0, len(data)
+    find = data.find
     while pos < size:
-        newline = data.find(b"\n", pos)
+        newline = find(b"\n", pos)
         record = None if newline < 0 else decode_record(data[pos:newline])
         if record is None:
             if _any_valid_after(data, pos):
                 raise JournalCorrupt(pos, f"corrupt record at byte {pos}, "
                                      "followed by valid records")
             what = "incomplete" if newline < 0 else "damaged"
-            return records, pos, (f"{what} record at byte {pos} "
-                                  f"({size - pos} bytes)")
-        records.append(record)
+            tail += [pos, f"{what} record at byte {pos} ({size - pos} bytes)"]
+            return
+        yield record
         pos = newline + 1
-    return records, pos, None
+    tail += [pos, None]
+
+
+def scan_journal(data):
+    """Split journal bytes into records: (records, end, torn), as
+    iter_journal yields and ends them."""
+    tail = []
+    records = list(iter_journal(data, tail))
+    return records, *tail
 
 
 def check_header(records):
     """Check the header record; return the records after it."""
     if not records:
         return []
-    head = records[0]
+    _check_head(records[0])
+    return records[1:]
+
+
+def _check_head(head):
     if head.get("k") != "h" or not isinstance(head.get("v"), int):
         raise JournalError("not an lbd journal (no header record)")
     if head["v"] > JOURNAL_VERSION:
         raise JournalError(f"journal version {head['v']} is newer than "
                            f"this lbd reads ({JOURNAL_VERSION})")
-    return records[1:]
 
 
 _SUBMIT_FIELD_COUNT = len(Task.SUBMIT_FIELDS)
@@ -1183,15 +1196,6 @@ def replay_tasks(records):
                 in_order = False
             last = seq
     return tasks if in_order else dict(sorted(tasks.items()))
-
-
-def _consumed(records):
-    """Yield a list's items in order, dropping each from the list as it
-    goes: a restart frees a million records as it replays them."""
-    records.reverse()
-    pop = records.pop
-    while records:
-        yield pop()
 
 
 def replay(records):
@@ -1966,32 +1970,40 @@ class Journal:
         self.dir_unsynced = False    # a rename whose directory needs fsync
 
     def open(self):
-        """Lock, read and repair the file; return its records (no header).
+        """Lock and read the file; return an iterator of its records (the
+        header checked and left out), decoded as they are reached.
 
-        A torn last record is truncated away with a warning; corruption
-        elsewhere raises JournalCorrupt.
+        Read it once, to its end: then the file is repaired -- a torn
+        last record truncated away with a warning -- and ready to append
+        to. Corruption elsewhere raises JournalCorrupt when it is reached.
         """
         self.fd = lock_journal(self.path)
         for stale in glob.glob(glob.escape(self.path) + ".compact-*"):
             os.unlink(stale)
-        data = _read_all(self.fd)
+        return self._records(_read_all(self.fd))
+
+    def _records(self, data):
+        tail = []
+        records = iter_journal(data, tail)
         try:
-            records, end, torn = scan_journal(data)
+            head = next(records, None)
+            if head is not None:
+                _check_head(head)
+                yield from records
         except JournalCorrupt as exc:
             raise JournalCorrupt(exc.offset, f"journal {self.path}: {exc}; "
                                  f"run 'lbd journal check {self.path}'"
                                  ) from None
+        end, torn = tail
         if torn:
             log.warning("journal %s: %s; truncating it (a torn write from a "
                         "crash)", self.path, torn)
             os.ftruncate(self.fd, end)
             os.fsync(self.fd)
         self.size = self.base_size = end
-        body = check_header(records)
-        if not records:
+        if head is None:
             self.append({"k": "h", "v": JOURNAL_VERSION})
             self.sync_wanted = True
-        return body
 
     def append(self, record, sync=False):
         """Buffer one record; ``sync``: its ack waits for an fsync."""
@@ -2976,7 +2988,7 @@ class _Journaling:
                  time.monotonic() - started)
 
     def _replay_into_queues(self):
-        replayed = replay_tasks(_consumed(self.journal.open()))
+        replayed = replay_tasks(self.journal.open())
         now, wall = self.clock(), self.wall()
         tcfg = self.cfg["tasks"]
         keyed_ttl = max(tcfg.result_ttl, tcfg.dedupe_window)

@@ -163,6 +163,19 @@ def test_a_clean_journal_scans_to_its_end():
     assert lbd.scan_journal(data) == (records, len(data), None)
 
 
+def test_records_are_decoded_as_they_are_reached():
+    records = sample_records()
+    data = bytearray(frame(records))
+    second = line_offsets(bytes(data))[2]
+    data[second + 3] ^= 0xFF           # a record with good ones after it
+    tail = []
+    reading = lbd.iter_journal(bytes(data), tail)
+    assert next(reading) == records[0] and next(reading) == records[1]
+    with pytest.raises(lbd.JournalCorrupt):
+        next(reading)
+    assert tail == []                  # no end: it never got there
+
+
 def test_an_empty_file_has_no_records():
     assert lbd.scan_journal(b"") == ([], 0, None)
     assert lbd.check_header([]) == []
@@ -1116,7 +1129,7 @@ def journals(tmp_path):
 
     def make(mode="submits", name="j"):
         journal = lbd.Journal(str(tmp_path / name), mode, 0.02)
-        assert journal.open() == []
+        assert list(journal.open()) == []
         made.append(journal)
         return journal
 
