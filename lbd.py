@@ -3876,15 +3876,24 @@ class _Scaling:
         self.ready_by_priority[task.priority] += 1
         task.queued_mono = now
         self.ready.push_task(task)
-        self.ready_fifo.append((now, task))
+        fifo = self.ready_fifo
+        fifo.append(now)
+        fifo.append(task)
 
     def oldest_wait(self, now):
-        """Seconds the oldest ready task has waited; O(1) amortized."""
+        """Seconds the oldest ready task has waited; O(1) amortized.
+
+        ready_fifo holds (queued at, task) pairs in the order queued,
+        flat -- a stamp, then its task: a tuple per queued task cost 56
+        bytes. A pair is current while its task is still QUEUED since that
+        stamp (the very float it was given); the rest are dropped here.
+        """
         fifo = self.ready_fifo
         while fifo:
-            stamp, task = fifo[0]
-            if task.state is TaskState.QUEUED and task.queued_mono == stamp:
+            stamp, task = fifo[0], fifo[1]
+            if task.state is _QUEUED and task.queued_mono is stamp:
                 return now - stamp
+            fifo.popleft()
             fifo.popleft()
         return 0.0
 
@@ -4520,7 +4529,7 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
         self.retry_timer = None
         self.compactor = None            # pid of the compaction child
         self.compact_after = 0.0
-        self.ready_fifo = collections.deque()   # (queued at, task): oldest
+        self.ready_fifo = collections.deque()   # queued at, task, ...: oldest
         self.by_state = collections.Counter()   # workers by state
         self.arrived = self.completed = 0        # this turn's, for Rates
         self.metrics_stale = False      # see _settle_metrics

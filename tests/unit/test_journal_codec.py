@@ -1364,3 +1364,31 @@ def test_close_writes_and_fsyncs_what_is_buffered(journals, counted):
     with open(journal.path, "rb") as f:
         assert f.read() == frame([HEADER] + records)
     assert counted["fsync"] == 1
+
+
+# == The oldest wait the scaling policy sees ==================================
+
+
+def test_oldest_wait_follows_the_oldest_task_still_queued(masters, tmp_path):
+    m = masters(path=tmp_path / "ow", config={
+        "journal": {"fsync": "never"}, "tasks": {"retry_backoff": 0.0}})
+    clock = m.clock
+    assert m.oldest_wait(clock.now) == 0.0
+    first = m.new_task(spec())
+    clock.now += 2.0
+    second = m.new_task(spec())
+    clock.now += 3.0
+    assert m.oldest_wait(clock.now) == 5.0
+    # The first runs, fails and comes back at once: its old place no
+    # longer counts, and the second is the oldest until it runs too.
+    worker = dispatch(m, first)
+    assert m.oldest_wait(clock.now) == 3.0
+    clock.now += 1.0
+    failure(m, worker, first, error())
+    assert first.state is lbd.TaskState.QUEUED
+    assert m.oldest_wait(clock.now) == 4.0
+    clock.now += 1.0
+    dispatch(m, second)
+    assert m.oldest_wait(clock.now) == 1.0
+    dispatch(m, first)
+    assert m.oldest_wait(clock.now) == 0.0 and not m.ready_fifo
