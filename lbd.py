@@ -564,14 +564,17 @@ class Task:
         return {name: getattr(self, name) for name in self.SUBMIT_FIELDS}
 
     def state_dict(self):
-        """Return the whole task state, as a snapshot record keeps it;
-        its containers are new ones, the caller's to change."""
-        state = {name: getattr(self, name)
-                 for name in self.SUBMIT_FIELDS + self.PROGRESS_FIELDS}
-        state["args"] = list(self.args)
-        state["kwargs"] = dict(self.kwargs)
-        state["errors"] = list(self.errors)
-        return state
+        """Return the whole task state by name; its containers are new
+        ones, the caller's to change."""
+        return dict(zip(STATE_FIELDS, self.state_values()))
+
+    def state_values(self):
+        """Return the whole task state as a snapshot record keeps it: the
+        values of STATE_FIELDS, in that order, in new containers."""
+        values = [getattr(self, name) for name in STATE_FIELDS]
+        values[2], values[3] = list(self.args), dict(self.kwargs)
+        values[-2] = list(self.errors)
+        return values
 
     @classmethod
     def from_submit(cls, values):
@@ -604,19 +607,22 @@ class Task:
         return task
 
     @classmethod
-    def from_state(cls, state):
-        """Rebuild a task from a snapshot's (or replay's) state dict."""
-        task = cls.from_submit([state[name] for name in cls.SUBMIT_FIELDS])
-        task.state = _TASK_STATES[state["state"]]
-        task.attempts = state["attempts"]
-        task.crashes = state["crashes"]
-        task.started_at = state["started_at"]
-        task.finished_at = state["finished_at"]
-        task.result = state["result"]
-        task.error = state["error"]
-        task.errors = list(state["errors"]) or ()
-        task.worker = state["worker"]
+    def from_values(cls, values):
+        """Rebuild a task from the values of STATE_FIELDS, in that order
+        (a journal "T" record)."""
+        task = cls.from_submit(values[:len(cls.SUBMIT_FIELDS)])
+        (state, task.attempts, task.crashes, task.started_at,
+         task.finished_at, task.result, task.error, errors,
+         task.worker) = values[len(cls.SUBMIT_FIELDS):]
+        task.state = _TASK_STATES[state]
+        task.errors = list(errors) or ()
         return task
+
+    @classmethod
+    def from_state(cls, state):
+        """Rebuild a task from its state by name (a version 1 snapshot's,
+        or state_dict's)."""
+        return cls.from_values([state[name] for name in STATE_FIELDS])
 
     def submit_json(self):
         """Return the journal submit record's JSON text, built directly.
@@ -673,6 +679,9 @@ class Task:
             "crashes": self.crashes, "worker": self.worker,
         }
 
+
+#: A task's whole state, in the order a snapshot ("T") record keeps it.
+STATE_FIELDS = Task.SUBMIT_FIELDS + Task.PROGRESS_FIELDS
 
 # Templates for the records and messages every task makes. Handlers match
 # _HANDLER_RE and ids are decimal, so neither needs escaping; numbers use
@@ -991,7 +1000,9 @@ def seconds_field(request, name):
 #        in Task.SUBMIT_FIELDS order (version 2: a restart decodes one per
 #        queued task, and a list decodes in half the time of an object)
 #     s  submitted, as version 1 wrote it: "t" maps those fields to values
-#     t  a snapshot of one task's whole state (written by compaction)
+#     T  a snapshot of one task's whole state, written by compaction: "t"
+#        holds the values of STATE_FIELDS, in that order (version 2)
+#     t  the same, as version 1 wrote it: "t" maps those fields to values
 #     r  an attempt started: attempt "a", worker "w", epoch "at"
 #     d  done: result "r", epoch "at"
 #     f  an attempt failed and will be retried: error "e", "crash" (bool),
@@ -1114,6 +1125,7 @@ def _check_head(head):
 
 
 _SUBMIT_FIELD_COUNT = len(Task.SUBMIT_FIELDS)
+_STATE_FIELD_COUNT = len(STATE_FIELDS)
 
 
 def _apply(tasks, rec):
@@ -1133,7 +1145,14 @@ def _apply(tasks, rec):
         task = tasks[fields["seq"]] = Task.from_submit(
             [fields[name] for name in Task.SUBMIT_FIELDS])
         return task.seq
-    if kind == "t":
+    if kind == "T":
+        values = rec["t"]
+        if values.__class__ is not list or \
+                len(values) != _STATE_FIELD_COUNT:
+            raise TypeError(f"'t' holds {_STATE_FIELD_COUNT} values")
+        task = tasks[values[0]] = Task.from_values(values)
+        return task.seq
+    if kind == "t":         # version 1: the same fields, by name
         task = tasks[rec["t"]["seq"]] = Task.from_state(rec["t"])
         return task.seq
     task = tasks.get(rec.get("id"))
@@ -1172,7 +1191,7 @@ def _apply(tasks, rec):
     return None
 
 
-_RECORD_KINDS = frozenset(("S", "s", "t", "r", "d", "f", "x", "q"))
+_RECORD_KINDS = frozenset(("S", "s", "T", "t", "r", "d", "f", "x", "q"))
 
 
 def replay_tasks(records):
@@ -2117,7 +2136,7 @@ class Journal:
         try:
             out = bytearray(encode_record({"k": "h", "v": JOURNAL_VERSION}))
             for task in tasks:
-                out += encode_record({"k": "t", "t": task.state_dict()})
+                out += encode_record({"k": "T", "t": task.state_values()})
                 if len(out) > 1 << 20:
                     _write_all(fd, out)
                     out.clear()

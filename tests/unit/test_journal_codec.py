@@ -381,6 +381,16 @@ def test_a_version_1_submit_record_replays_like_the_compact_one():
     assert mixed[A]["state"] == "RUNNING" and mixed[A + 1]["key"] == "k1"
 
 
+def test_a_version_1_snapshot_record_replays_like_the_compact_one():
+    task = make_task(A, args=[1], key="k", deadline=30.0)
+    task.state, task.attempts, task.crashes = lbd.TaskState.DONE, 2, 1
+    task.errors, task.result = [error()], {"r": [1.5]}
+    task.started_at, task.finished_at, task.worker = WALL0 + 1, WALL0 + 2, 3
+    v1 = replayed([{"k": "t", "t": task.state_dict()}])
+    v2 = replayed([{"k": "T", "t": task.state_values()}])
+    assert v1 == v2 == {A: plain(task.state_dict())}
+
+
 def test_the_daemon_writes_the_compact_submit_record():
     task = make_task(A, args=[1], key="k")
     assert lbd.decode_record(lbd.frame_json(task.submit_json())[:-1]) == \
@@ -578,6 +588,7 @@ def test_an_unknown_record_kind_is_an_error():
     {"k": "s", "t": {"seq": A}},                            # no fields
     {"k": "S", "t": [A + 1]},                               # too few
     {"k": "S", "t": {"seq": A + 1}},                        # not a list
+    {"k": "T", "t": [A + 1, "lbd:echo"]},                   # too few
 ])
 def test_a_malformed_record_is_a_journal_error_not_a_crash(bad):
     with pytest.raises(lbd.JournalError, match="malformed"):
@@ -1044,7 +1055,7 @@ def test_a_snapshot_installed_replays_to_the_same_state(masters, tmp_path):
     assert torn is None and records[0] == HEADER
     kinds = [r["k"] for r in records[1:]]
     snapshots = len(m1.tasks) - 1
-    assert kinds[:snapshots] == ["t"] * snapshots      # one per task...
+    assert kinds[:snapshots] == ["T"] * snapshots      # one per task...
     assert kinds[snapshots:] == ["S", "r", "d"]        # ...then the rest
     assert path.stat().st_size < before * 2
     assert journal.size == journal.base_size == path.stat().st_size
