@@ -1128,32 +1128,35 @@ _SUBMIT_FIELD_COUNT = len(Task.SUBMIT_FIELDS)
 _STATE_FIELD_COUNT = len(STATE_FIELDS)
 
 
+def _listed(rec, count):
+    values = rec["t"]
+    if values.__class__ is not list or len(values) != count:
+        raise TypeError(f"'t' holds {count} values")
+    return values
+
+
+def _whole_task(kind, rec):
+    """The Task a submit or snapshot record holds; None for other kinds."""
+    if kind == "S":
+        return Task.from_submit(_listed(rec, _SUBMIT_FIELD_COUNT))
+    if kind == "T":
+        return Task.from_values(_listed(rec, _STATE_FIELD_COUNT))
+    if kind == "s":         # version 1: the same fields, by name
+        return Task.from_submit([rec["t"][name]
+                                 for name in Task.SUBMIT_FIELDS])
+    if kind == "t":         # version 1, by name
+        return Task.from_state(rec["t"])
+    return None
+
+
 def _apply(tasks, rec):
     """Apply one journal record to {seq: Task}: what replay repeats.
 
     Returns the sequence number a submit or snapshot record added."""
     kind = rec["k"]
-    if kind == "S":
-        values = rec["t"]
-        if values.__class__ is not list or \
-                len(values) != _SUBMIT_FIELD_COUNT:
-            raise TypeError(f"'t' holds {_SUBMIT_FIELD_COUNT} values")
-        task = tasks[values[0]] = Task.from_submit(values)
-        return task.seq
-    if kind == "s":         # version 1: the same fields, by name
-        fields = rec["t"]
-        task = tasks[fields["seq"]] = Task.from_submit(
-            [fields[name] for name in Task.SUBMIT_FIELDS])
-        return task.seq
-    if kind == "T":
-        values = rec["t"]
-        if values.__class__ is not list or \
-                len(values) != _STATE_FIELD_COUNT:
-            raise TypeError(f"'t' holds {_STATE_FIELD_COUNT} values")
-        task = tasks[values[0]] = Task.from_values(values)
-        return task.seq
-    if kind == "t":         # version 1: the same fields, by name
-        task = tasks[rec["t"]["seq"]] = Task.from_state(rec["t"])
+    task = _whole_task(kind, rec)
+    if task is not None:
+        tasks[task.seq] = task
         return task.seq
     task = tasks.get(rec.get("id"))
     if task is None:
