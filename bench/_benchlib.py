@@ -208,10 +208,15 @@ def table(headers, rows):
 
 def proc_cpu_seconds(pid):
     """utime + stime of ``pid`` itself (not its children), in seconds."""
+    return sum(proc_cpu_split(pid))
+
+
+def proc_cpu_split(pid):
+    """(utime, stime) of ``pid`` itself (not its children), in seconds."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def proc_rss_bytes(pid):

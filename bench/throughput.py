@@ -15,7 +15,8 @@ both alike):
 * master CPU per task over the throughput phase: for lbd the daemon's own
   utime+stime from /proc/<pid>/stat (its workers not included); for Pool
   the parent's getrusage(RUSAGE_SELF), which includes Pool's feeder and
-  result threads (its workers not included). lbd's client CPU is shown
+  result threads (its workers not included); "of it system" is the
+  stime part. lbd's client CPU is shown
   too: in the Pool run the parent is client and master at once. "master
   preempted /task": the daemon's involuntary context switches over the
   throughput phase (/proc/<pid>/status), per task.
@@ -66,6 +67,10 @@ def self_cpu():
     return ru.ru_utime + ru.ru_stime
 
 
+def self_system_cpu():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+
 def preemptions(pid):
     """Involuntary context switches of ``pid`` so far (/proc/PID/status)."""
     with open(f"/proc/{pid}/status") as f:
@@ -109,12 +114,12 @@ def measure_in_memory(submit, result, n, m):
     in-memory pools here, and the broker-based systems of compare.py."""
     for r in [submit() for _ in range(WARMUP)]:
         result(r)
-    cpu0, t0 = self_cpu(), time.perf_counter()
+    cpu0, sys0, t0 = self_cpu(), self_system_cpu(), time.perf_counter()
     pending = [submit() for _ in range(n)]
     for r in pending:
         result(r)
     elapsed = time.perf_counter() - t0
-    cpu = self_cpu() - cpu0
+    cpu, system = self_cpu() - cpu0, self_system_cpu() - sys0
     del pending
     lat = []
     for _ in range(m):
@@ -124,7 +129,8 @@ def measure_in_memory(submit, result, n, m):
     return {"rate": n / elapsed, "elapsed": elapsed,
             "p50": B.percentile(lat, 50) * 1e3,
             "p99": B.percentile(lat, 99) * 1e3,
-            "master_us": cpu / n * 1e6, "client_us": None, "preempted": None,
+            "master_us": cpu / n * 1e6, "master_sys_us": system / n * 1e6,
+            "client_us": None, "preempted": None,
             "journal_bpt": None, "journal_bytes": None}
 
 
@@ -165,12 +171,14 @@ def run_lbd(workers, n, m, payload, mode, profile=None):
         with daemon.client(CLIENT_TIMEOUT) as c:
             submit_and_collect(c, [request] * WARMUP)
             size0 = os.path.getsize(daemon.journal)
-            dcpu0, ccpu0 = daemon.cpu_seconds(), self_cpu()
+            dcpu0, ccpu0 = B.proc_cpu_split(daemon.pid), self_cpu()
             pre0 = preemptions(daemon.pid)
             t0 = time.perf_counter()
             submit_and_collect(c, [request] * n)
             elapsed = time.perf_counter() - t0
-            dcpu, ccpu = daemon.cpu_seconds() - dcpu0, self_cpu() - ccpu0
+            duser, dsys = (b - a for a, b in zip(
+                dcpu0, B.proc_cpu_split(daemon.pid)))
+            dcpu, ccpu = duser + dsys, self_cpu() - ccpu0
             pre = preemptions(daemon.pid) - pre0
             size1 = os.path.getsize(daemon.journal)
             lat = []
@@ -187,7 +195,8 @@ def run_lbd(workers, n, m, payload, mode, profile=None):
         return {"rate": n / elapsed, "elapsed": elapsed,
                 "p50": B.percentile(lat, 50) * 1e3,
                 "p99": B.percentile(lat, 99) * 1e3,
-                "master_us": dcpu / n * 1e6, "client_us": ccpu / n * 1e6,
+                "master_us": dcpu / n * 1e6, "master_sys_us": dsys / n * 1e6,
+                "client_us": ccpu / n * 1e6,
                 "preempted": pre / n,
                 "journal_bpt": (size1 - size0) / n,
                 "journal_bytes": journal_bytes}
@@ -298,11 +307,12 @@ def report(args, systems, results):
             mode or "-", med(system, "rate"),
             B.spread([r["rate"] for r in results[system]]),
             med(system, "p50"), med(system, "p99"),
-            med(system, "master_us"), med(system, "client_us"),
+            med(system, "master_us"), med(system, "master_sys_us"),
+            med(system, "client_us"),
             med(system, "preempted"),
             med(system, "journal_bpt"), med(system, "journal_bytes")])
     B.table(["system", "fsync", "tasks/s", "range", "p50 ms", "p99 ms",
-             "master CPU us/task", "client CPU us/task",
+             "master CPU us/task", "of it system", "client CPU us/task",
              "master preempted /task", "journal B/task", "journal bytes"],
             rows)
     pool = ("pool", None)
