@@ -1990,6 +1990,10 @@ class Journal:
         self.base_size = 0           # size right after the last compaction
         self.since_fork = None       # bytes written while a compaction runs
         self.dir_unsynced = False    # a rename whose directory needs fsync
+        # The header's version: the records appended are that version's,
+        # so the lbd that wrote the file can still read it. A compaction
+        # rewrites it as JOURNAL_VERSION.
+        self.version = JOURNAL_VERSION
 
     def open(self):
         """Lock and read the file; return an iterator of its records (the
@@ -2011,6 +2015,7 @@ class Journal:
             head = next(records, None)
             if head is not None:
                 _check_head(head)
+                self.version = head["v"]
                 yield from records
         except JournalCorrupt as exc:
             raise JournalCorrupt(exc.offset, f"journal {self.path}: {exc}; "
@@ -2170,6 +2175,7 @@ class Journal:
         old, self.fd = self.fd, fd
         os.close(old)
         self.size = self.base_size = os.fstat(fd).st_size
+        self.version = JOURNAL_VERSION
         self.unsynced = False
         self.dir_unsynced = True
         try:
@@ -3163,7 +3169,12 @@ class _Tasks:
         self.counters["submitted"] += 1
         self.arrived += 1
         self.metrics_stale = True
-        self._record_json(task.submit_json(), True)
+        journal = self.journal
+        if journal is not None and journal.version < 2:
+            # An older lbd's journal: its own kind of submit record.
+            journal.append({"k": "s", "t": task.submit_record()}, True)
+        else:
+            self._record_json(task.submit_json(), True)
         return task
 
     def _finish(self, task, state, result=None, error=None, attempt=None):

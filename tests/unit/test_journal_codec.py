@@ -1403,3 +1403,35 @@ def test_oldest_wait_follows_the_oldest_task_still_queued(masters, tmp_path):
     assert m.oldest_wait(clock.now) == 1.0
     dispatch(m, first)
     assert m.oldest_wait(clock.now) == 0.0 and not m.ready_fifo
+
+
+# == A version-1 journal ======================================================
+
+
+def test_a_version_1_journal_gets_version_1_records_until_compaction(
+        masters, tmp_path):
+    # The lbd that wrote it reads every version-1 record kind and skips
+    # what it does not know: so nothing of version 2 may land in its file
+    # until a compaction rewrites it under a version-2 header.
+    path = tmp_path / "v1"
+    old = make_task(A)
+    path.write_bytes(frame([{"k": "h", "v": 1}, submit_v1(old)]))
+    m = masters(path=path, config={"journal": {"fsync": "never"}})
+    assert list(m.tasks) == [old.id]
+    new = m.new_task(spec(args=["new"]))
+    result(m, dispatch(m, new), new, "done")
+    assert m.journal.flush()
+    records, _, torn = lbd.scan_journal(path.read_bytes())
+    assert torn is None and records[0] == {"k": "h", "v": 1}
+    assert [r["k"] for r in records[1:]] == ["s", "s", "r", "d"]
+    assert journal_states(path) == live_states(m)
+    journal = m.journal
+    journal.since_fork = bytearray()
+    journal.write_snapshot(4243, list(m.tasks.values()))
+    journal.install_snapshot(4243)
+    m.new_task(spec(args=["after"]))
+    assert journal.flush()
+    records, _, _ = lbd.scan_journal(path.read_bytes())
+    assert records[0] == HEADER
+    assert [r["k"] for r in records[1:]] == ["T", "T", "S"]
+    assert journal_states(path) == live_states(m)
