@@ -388,9 +388,10 @@ class LevelQueue:
     its heap entry. Removal is lazy, as in LazyHeap: the task's entry is
     cleared (a heap entry's task too), and what a FIFO or heap head holds
     that is no longer queued there is dropped when it reaches the head.
-    A task queued again while a removed copy still waits in a FIFO goes
-    to the heap (its sequence is not above the FIFO's tail), so a FIFO
-    never holds a task twice as queued.
+    The Master never queues a removed task again (removal is for tasks
+    that end); were one queued again while its removed copy still waits
+    in a FIFO, it would go to the heap (its sequence is not above the
+    FIFO's tail), so a FIFO never holds a task twice as queued.
     """
 
     __slots__ = ("_levels", "_keys", "_live", "_dead")
@@ -941,7 +942,7 @@ def validate_task(obj, defaults):
     if spec["delay"] is not None:
         _number(spec, "delay", 0, MAX_SECONDS)
     key = spec["key"]
-    if key is not None and not (key.__class__ is str
+    if key is not None and not (isinstance(key, str)
                                 and 0 < len(key) <= MAX_KEY_LEN):
         raise _bad(f"task field 'key' must be a string of 1 to "
                    f"{MAX_KEY_LEN} characters")
