@@ -573,8 +573,9 @@ class Task:
         """Return the whole task state as a snapshot record keeps it: the
         values of STATE_FIELDS, in that order, in new containers."""
         values = [getattr(self, name) for name in STATE_FIELDS]
-        values[2], values[3] = list(self.args), dict(self.kwargs)
-        values[-2] = list(self.errors)
+        values[_ARGS_AT] = list(self.args)
+        values[_KWARGS_AT] = dict(self.kwargs)
+        values[_ERRORS_AT] = list(self.errors)
         return values
 
     @classmethod
@@ -683,6 +684,9 @@ class Task:
 
 #: A task's whole state, in the order a snapshot ("T") record keeps it.
 STATE_FIELDS = Task.SUBMIT_FIELDS + Task.PROGRESS_FIELDS
+#: Where the containers state_values copies stand in it.
+_ARGS_AT, _KWARGS_AT, _ERRORS_AT = map(STATE_FIELDS.index,
+                                       ("args", "kwargs", "errors"))
 
 # Templates for the records and messages every task makes. Handlers match
 # _HANDLER_RE and ids are decimal, so neither needs escaping; numbers use
