@@ -4569,7 +4569,7 @@ class Master(_Connections, _Journaling, _Tasks, _Workers, _Supervision,
         self.compact_after = 0.0
         self.ready_fifo = collections.deque()   # queued at, task, ...: oldest
         self.by_state = collections.Counter()   # workers by state
-        self.arrived = self.completed = 0        # this turn's, for Rates
+        self.arrived = self.completed = 0        # since metrics settled
         self.metrics_stale = False      # see _settle_metrics
         self.settle_after = 0.0
         self.owed_turns = 0             # busy turns answers have waited
